@@ -1,0 +1,1 @@
+"""The engine: requests in, batched forward passes, token events out."""
