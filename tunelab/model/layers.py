@@ -1,0 +1,170 @@
+"""The building blocks of the transformer: RMSNorm, RoPE, attention and the SwiGLU MLP.
+
+Module and parameter names are HF's (`self_attn.q_proj`, `q_norm`,
+`mlp.gate_proj`, ...), so safetensors checkpoints load without a name map.
+Projections stay plain `nn.Linear` modules so quantized layers can replace them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.model.attention_batch import AttentionBatch
+from tunelab.model.config import ModelConfig
+from tunelab.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale and no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dim in fp32, cast back, then scale (the order the checkpoints use)."""
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] and the cos/sin scale, as HF computes them for each rope type."""
+    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [D/2]
+    inv_freq = 1.0 / pos_freqs
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor, 1.0
+    if scaling["rope_type"] == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling), 1.0
+    return _yarn_inv_freq(pos_freqs, scaling, dim, base), _yarn_attention_factor(scaling)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def _yarn_inv_freq(pos_freqs: torch.Tensor, scaling: dict, dim: int, base: float) -> torch.Tensor:
+    """YaRN: dims that rotate fewer than `beta_slow` times over the original context are
+    interpolated by `factor`, dims rotating more than `beta_fast` times are kept, a linear ramp between."""
+    factor, context = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_for_rotations(num_rotations: float) -> float:
+        return dim * math.log(context / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for_rotations(scaling.get("beta_fast") or 32), dim_for_rotations(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # keep the ramp finite
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [D/2]
+    return 1.0 / (factor * pos_freqs) * ramp + 1.0 / pos_freqs * (1 - ramp)
+
+
+def _yarn_attention_factor(scaling: dict) -> float:
+    """The YaRN cos/sin scale: given, or 0.1 * ln(factor) + 1 (optionally as an mscale ratio)."""
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for NeoX-style (rotate_half) RoPE, computed in fp32 from each token's position."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute `inv_freq` on `device`; a model built on `meta` calls this once its weights are in."""
+        inv_freq, self.attention_factor = rope_inv_freq(self.config)
+        self.inv_freq = inv_freq if device is None else inv_freq.to(device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each [T, head_dim], for positions [T]."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D] by cos/sin [T, D]; the first and second halves of D pair up."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, D]
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a ragged batch, reading and writing the paged KV cache."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        hidden, q_size, kv_size = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, hidden, bias=False)
+        # One [head_dim] weight shared by all heads of the layer.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; this layer's new keys and values go into `kv_cache`."""
+        num_tokens, num_seqs, max_query = x.shape[0], batch.num_seqs, batch.max_query
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
+        keys, values = kv_cache.gather(self.layer_index, batch.key_index)  # [S, K, KV, D] each
+        keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [S, KV, K, D]
+
+        # Scatter the flat queries into one padded row per sequence.
+        queries = q.new_zeros(num_seqs * max_query, self.num_heads, self.head_dim)  # [S * Q, H, D]
+        queries[batch.query_slots] = q
+        queries = queries.view(num_seqs, max_query, self.num_heads, self.head_dim).transpose(1, 2)  # [S, H, Q, D]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(num_seqs * max_query, self.num_heads * self.head_dim)  # [S * Q, H * D]
+        return self.o_proj(out[batch.query_slots])  # [T, hidden]
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,1 @@
+"""The model registry: Modelfiles, model names, the local store, and imports from Ollama."""

@@ -1,0 +1,1 @@
+"""Reading model weights: HF safetensors directories and GGUF files, streamed into a `Transformer`."""
