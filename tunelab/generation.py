@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.chat.output_parser import ContentDelta, OutputParser, ThinkingDelta, ToolCall
+from tunelab.chat.template import ChatTemplate
 from tunelab.chat.thinking import ThinkingBudget, resolve_thinking
 from tunelab.engine.request import FinishReason, Request, TokenEvent
-from tunelab.errors import InvalidOption, InvalidRequest
+from tunelab.errors import InvalidOption, InvalidRequest, ModelFormatError
 from tunelab.runtime import ModelRuntime
 from tunelab.sampling.params import SamplingParams
 
@@ -53,13 +54,14 @@ def conversation(runtime: ModelRuntime, messages: list[dict[str, Any]], system: 
 
 def prepare_chat(runtime: ModelRuntime, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
                  tools: list[dict[str, Any]] | None = None, think: bool | None = None,
-                 system: str | None = None, sampling_extras: dict[str, Any] | None = None) -> PreparedRequest:
-    """Render a chat with the model's template and build its engine request."""
+                 system: str | None = None, sampling_extras: dict[str, Any] | None = None,
+                 template: str | None = None) -> PreparedRequest:
+    """Render a chat with the model's template (or `template`, a Jinja override) and build its engine request."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise InvalidRequest("messages must be a list of objects with a 'role' and a 'content'")
     opts = runtime.options(options)
     full = conversation(runtime, messages, system)
-    template = runtime.template
+    template = runtime.template if template is None else request_template(runtime, template)
     thinking = resolve_thinking(think if think is not None else opts["think"], full, template.supports_thinking)
     prompt = template.render(full, tools=tools or None, add_generation_prompt=True, enable_thinking=thinking)
     starts_in_thinking = _opens_thought(prompt)
@@ -69,13 +71,24 @@ def prepare_chat(runtime: ModelRuntime, messages: list[dict[str, Any]], *, optio
 
 def prepare_completion(runtime: ModelRuntime, prompt: str, *, system: str | None = None, raw: bool = False,
                        options: dict[str, Any] | None = None, think: bool | None = None,
-                       sampling_extras: dict[str, Any] | None = None) -> PreparedRequest:
+                       sampling_extras: dict[str, Any] | None = None, template: str | None = None) -> PreparedRequest:
     """A plain prompt: templated as one user turn (Ollama `/api/generate`), or sent as is when `raw`."""
     if raw:
         opts = runtime.options(options)
         return _prepare(runtime, prompt, opts, None, False, parse_tools=False, sampling_extras=sampling_extras)
     return prepare_chat(runtime, [{"role": "user", "content": prompt}], options=options, think=think,
-                        system=system, sampling_extras=sampling_extras)
+                        system=system, sampling_extras=sampling_extras, template=template)
+
+
+def request_template(runtime: ModelRuntime, source: str) -> ChatTemplate:
+    """A template sent with one request (Ollama's `template` field), compiled; it must be Jinja."""
+    if "{{ ." in source or "{{- ." in source:
+        raise InvalidRequest("template is an Ollama Go template; tunelab renders Jinja chat templates "
+                             "(as in tokenizer_config.json): send a Jinja template or leave template out")
+    try:
+        return ChatTemplate(source, runtime.template.bos_token, runtime.template.eos_token)
+    except ModelFormatError as e:
+        raise InvalidRequest(f"template does not compile: {e}") from None
 
 
 def _opens_thought(prompt: str) -> bool:

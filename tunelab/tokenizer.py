@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary spelling, or None."""
         return self.backend.token_to_id(token)
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """Each token id's text on its own (what DRY's sequence breakers are matched against)."""
+        return self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:

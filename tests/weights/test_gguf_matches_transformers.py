@@ -80,6 +80,11 @@ def llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def expert_tensor_name(kind: gguf.MODEL_TENSOR, bid: int) -> str:
+    """llama.cpp's name for block `bid`'s stacked expert tensor of `kind`."""
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+
+
 def gguf_tensors(hf_model, arch: gguf.MODEL_ARCH) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(HF key, llama.cpp name, tensor as the converter stores it, same in HF layout); fused experts are split."""
     config = hf_model.config
@@ -90,13 +95,12 @@ def gguf_tensors(hf_model, arch: gguf.MODEL_ARCH) -> list[tuple[str, str, torch.
             continue
         if ".mlp.experts." in hf_name:
             bid = int(hf_name.split(".")[2])
-            expert_name = lambda kind: gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"  # noqa: E731
             if hf_name.endswith("gate_up_proj"):
                 gate, up = tensor.chunk(2, dim=1)  # [E, ff, H] each
-                out.append((hf_name + ":gate", expert_name(gguf.MODEL_TENSOR.FFN_GATE_EXP), gate, gate))
-                out.append((hf_name + ":up", expert_name(gguf.MODEL_TENSOR.FFN_UP_EXP), up, up))
+                out.append((hf_name + ":gate", expert_tensor_name(gguf.MODEL_TENSOR.FFN_GATE_EXP, bid), gate, gate))
+                out.append((hf_name + ":up", expert_tensor_name(gguf.MODEL_TENSOR.FFN_UP_EXP, bid), up, up))
             else:
-                out.append((hf_name, expert_name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), tensor, tensor))
+                out.append((hf_name, expert_tensor_name(gguf.MODEL_TENSOR.FFN_DOWN_EXP, bid), tensor, tensor))
             continue
         stored = tensor
         if arch == gguf.MODEL_ARCH.LLAMA and ("q_proj" in hf_name or "k_proj" in hf_name):
@@ -320,3 +324,14 @@ def test_llama3_rope_frequency_tensor_is_refused_not_ignored(tmp_path):
     })
     with pytest.raises(UnsupportedArchitecture, match="rope_freqs"):
         GGUFFile(path).config()
+
+
+def test_big_endian_file_is_refused_with_the_conversion_tool_named(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "big.gguf", "qwen2", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFormatError, match="big-endian.*gguf-convert-endian"):
+        GGUFFile(tmp_path / "big.gguf")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +75,7 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.num_batch)
         self.runner = ModelRunner(model, self.kv_cache)
-        self.sampler = Sampler()
+        self.sampler = Sampler(_LazyTokenTexts(tokenizer), lambda text: tokenizer.encode(text, add_bos=False))
         self._handles: dict[int, RequestHandle] = {}
         self._sequences: dict[int, Sequence] = {}
         self._cancelled: set[int] = set()
@@ -264,3 +264,16 @@ class Engine:
             finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_generated_tokens=seq.num_generated, num_cached_tokens=seq.num_cached_prompt_tokens,
         )
+
+
+class _LazyTokenTexts(Sequence):
+    """The vocabulary's token texts, built on first use (only DRY needs them)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def __getitem__(self, index):
+        return self.tokenizer.token_texts[index]

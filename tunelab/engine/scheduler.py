@@ -55,8 +55,14 @@ class Scheduler:
                     seqs.append(seq)
                     num_new.append(take)
                     budget -= take
+        admitted_prefixes: set[int] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            prefix = self._first_block_hash(seq)
+            if prefix is not None and prefix in admitted_prefixes:
+                # Same prompt start as a sequence computed in this step: admit it next step,
+                # when those blocks are in the prefix cache, instead of computing them twice.
+                break
             allocation = self.allocator.allocate_prompt(seq.token_ids)
             if allocation is None:
                 break
@@ -66,11 +72,20 @@ class Scheduler:
             if seq.num_cached_prompt_tokens == 0:
                 seq.num_cached_prompt_tokens = seq.num_computed
             self.running.append(seq)
+            if prefix is not None:
+                admitted_prefixes.add(prefix)
             take = min(len(seq.token_ids) - seq.num_computed, budget)
             seqs.append(seq)
             num_new.append(take)
             budget -= take
         return ScheduledStep(True, seqs, num_new) if seqs else None
+
+    def _first_block_hash(self, seq: Sequence) -> int | None:
+        """Hash of the prompt's first block when it could be shared (a full block before the last token)."""
+        bs = self.allocator.block_size
+        if len(seq.token_ids) <= bs:
+            return None
+        return self.allocator.chain_hash(None, seq.token_ids[:bs])
 
     def _schedule_decode(self) -> ScheduledStep | None:
         scheduled: list[Sequence] = []

@@ -1,26 +1,31 @@
 """Run untrusted Python (model-written code and its hidden tests) in a separate, confined process.
 
-Each run gets a fresh process in its own session, started under
-`unshare --user --map-root-user --net --pid --mount --fork --kill-child`
-when the OS allows it (probed once). Inside those namespaces the program sees:
+Each run gets a fresh interpreter in its own session, with a scrubbed
+environment, rlimits (address space, CPU time, processes, file size, open
+files, no core dumps) and a wall-clock timeout after which its whole process
+group and session are killed. The caller also counts the session's processes
+while it waits and kills a run that starts too many: RLIMIT_NPROC never binds
+a task whose host uid is root. The program runs as module `sandboxed`, so an
+`if __name__ == "__main__":` demo in it does not run.
+
+Where the OS allows it (probed once), the run starts under
+`unshare --user --map-root-user --net --pid --mount --fork --kill-child`, and the program has:
 
 - no network: a new network namespace holding only a downed loopback;
 - a read-only filesystem except its working directory, a small fresh tmpfs
-  that is also HOME and TMPDIR; nothing it writes reaches the host;
+  that is also HOME and TMPDIR, so nothing it writes reaches the host;
 - its own PID namespace: when the run ends, the kernel kills every process
-  it started, including ones that double-forked or called `setsid`;
-- no capabilities, and rlimits on address space, CPU time, processes,
-  file size and open files (core dumps off).
+  it started, including ones that double-forked and called `setsid`;
+- no capabilities, so it cannot undo any of this.
 
 Where user namespaces are not allowed (some hardened kernels, e.g. Ubuntu's
-AppArmor userns restriction), the run falls back to rlimits, a scrubbed
-environment, a temporary working directory and killing the process group and
-session. That fallback has no network isolation, does not stop writes to
-files the user can write elsewhere, and misses a descendant that left the
-session with `setsid`; `SandboxResult.isolated` says which mode ran. When the
-tuner runs as root, the process limit only holds inside namespaces.
+AppArmor userns restriction) or the mounts cannot be made read-only, the rest
+still applies, but there is no network isolation, writes to files the user may
+write elsewhere go through, and a descendant that left the session with
+`setsid` survives the run. `SandboxResult.isolated` says which mode ran, and a
+warning is logged once.
 
-This file is also the program the sandboxed interpreter runs (`_run_inside`),
+This file is also the program the sandboxed interpreter starts with (`_run_inside`),
 so at module level it imports the standard library only.
 """
 
@@ -30,6 +35,7 @@ import ctypes
 import functools
 import json
 import linecache
+import logging
 import os
 import re
 import resource
@@ -57,7 +63,7 @@ class Limits:
     """Resource limits for one sandboxed run."""
 
     memory_bytes: int = 1 << 30  # address space (RLIMIT_AS)
-    processes: int = 32  # processes and threads (RLIMIT_NPROC)
+    processes: int = 32  # RLIMIT_NPROC, and the most processes the caller lets its session hold
     file_bytes: int = 16 << 20  # largest file it may write (RLIMIT_FSIZE)
     open_files: int = 64  # RLIMIT_NOFILE
     disk_bytes: int = 64 << 20  # size of the tmpfs working directory (namespaces only)
@@ -117,7 +123,7 @@ def run_untrusted(program: str, timeout_s: float = 3.0, limits: Limits = Limits(
     code = process.returncode
     if code < 0:
         name = signal.Signals(-code).name
-        why = " (CPU-time limit)" if name in ("SIGKILL", "SIGXCPU") else ""
+        why = " (CPU-time limit or out of memory)" if name in ("SIGKILL", "SIGXCPU") else ""
         return SandboxResult("killed", f"killed by {name}{why}", None, wall_s, out, err, isolated)
     return SandboxResult("error", f"exited with code {code} before the program finished", None, wall_s, out, err,
                          isolated)
@@ -127,9 +133,12 @@ def run_untrusted(program: str, timeout_s: float = 3.0, limits: Limits = Limits(
 def namespaces_available() -> bool:
     """Whether this OS lets an unprivileged user start the namespaced sandbox (probed once)."""
     try:
-        probe = run_untrusted("import socket\nassert socket.gethostname() is not None\n", timeout_s=30, isolate=True)
-    except OSError:  # no `unshare` binary
-        return False
+        probe = run_untrusted("pass\n", timeout_s=30, isolate=True)
+    except OSError as e:  # no `unshare` binary
+        probe = SandboxResult("error", str(e), None, 0.0, "", "", True)
+    if probe.status != "passed":
+        logging.getLogger(__name__).warning(
+            "tunelab's sandbox runs without namespaces here (%s): no network or filesystem isolation", probe.detail)
     return probe.status == "passed"
 
 
@@ -272,7 +281,7 @@ def _confine_filesystem(workdir: str, disk_bytes: int) -> None:
             target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # "\040" is a space
             mounts[target] = fields[5].split(",")
     for target, options in mounts.items():
-        if target == workdir or "ro" in options:
+        if target == os.path.realpath(workdir) or "ro" in options:
             continue
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
         for option in options:

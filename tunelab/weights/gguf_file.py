@@ -148,6 +148,15 @@ def unpermute_llama_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def is_gguf_file(path: Path) -> bool:
+    """True when `path` is a file that starts with the GGUF magic (store blobs have no .gguf suffix)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 class GGUFFile:
     """A GGUF file: `.metadata`, `.architecture`, `.chat_template`, `.config()`, `.iter_tensors()`."""
 

@@ -15,7 +15,7 @@ from torch import nn
 from tunelab.errors import ModelFormatError
 from tunelab.model.config import ModelConfig
 from tunelab.model.transformer import Transformer
-from tunelab.weights.gguf_file import GGUFFile
+from tunelab.weights.gguf_file import GGUFFile, is_gguf_file
 from tunelab.weights.hf_checkpoint import HFCheckpoint
 
 
@@ -24,7 +24,7 @@ def load_weights(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     path = Path(path)
     if path.is_dir():
         source = HFCheckpoint(path)
-    elif path.suffix == ".gguf":
+    elif path.suffix == ".gguf" or is_gguf_file(path):
         source = GGUFFile(path)
     else:
         raise ModelFormatError(f"{path} is neither an HF model directory nor a .gguf file; point at one of those")
