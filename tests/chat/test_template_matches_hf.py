@@ -17,13 +17,14 @@ import pytest
 
 from tunelab.chat.template import ChatTemplate
 from tunelab.errors import InvalidRequest, ModelFormatError
+from real_models import real_model_path
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_TEMPLATES = "vendor/llama.cpp/models/templates/"
-QWEN25_GGUF = Path("/work/models/qwen2.5-coder-0.5b-instruct.gguf")
+QWEN25_GGUF = real_model_path("qwen2.5-coder:0.5b")
 
 
 def _official_template(name: str) -> str:
@@ -185,8 +186,6 @@ def test_json_string_arguments_render_as_the_object_they_encode(which, official_
 @pytest.fixture(scope="module")
 def qwen25_template() -> str:
     """The template embedded in a real Qwen2.5 GGUF, read the way tunelab loads models."""
-    if not QWEN25_GGUF.is_file():
-        pytest.skip(f"{QWEN25_GGUF} is not on this machine")
     from tunelab.weights.gguf_file import GGUFFile
 
     return GGUFFile(QWEN25_GGUF).chat_template

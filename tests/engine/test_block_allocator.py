@@ -13,7 +13,7 @@ def test_shared_prefix_reuses_full_blocks_but_never_the_last_tokens_block():
     alloc = BlockAllocator(num_blocks=16, block_size=4)
     prompt = list(range(12))  # exactly three full blocks
     first, _ = alloc.allocate_prompt(prompt)
-    alloc.register_full_blocks(first, prompt, len(prompt), hashes := [])
+    alloc.register_full_blocks(first, prompt, len(prompt), [])
     second, cached = alloc.allocate_prompt(prompt)
     # The third block holds the last prompt token: it is recomputed in a block of its own.
     assert cached == 8 and second[:2] == first[:2] and second[2] != first[2]

@@ -11,9 +11,9 @@ from tunelab.errors import DownloadError, ModelNotFound, StoreError
 from tunelab.registry.modelfile import parse_modelfile
 from tunelab.registry.ollama_store import import_ollama_model, list_ollama_models
 from tunelab.registry.store import Store
+from real_models import real_model_path
 
-SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-pytestmark = pytest.mark.skipif(not SMOLLM2.is_file(), reason="needs the SmolLM2 GGUF in /work/models")
+SMOLLM2 = real_model_path("smollm2:135m")
 
 # What `ollama show --modelfile` gives for an imported SmolLM2 with a chat template and tuned parameters.
 GO_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"

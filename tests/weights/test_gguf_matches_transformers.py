@@ -26,10 +26,11 @@ from tunelab.model.config import ModelConfig
 from tunelab.model.kv_cache import KVCache
 from tunelab.weights.gguf_file import GGUFFile
 from tunelab.weights.loader import load_weights
+from real_models import real_model_path
 
 transformers = pytest.importorskip("transformers")
 
-SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = real_model_path("smollm2:135m")
 TOLERANCE = dict(atol=1e-4, rtol=0)
 PROMPT, DECODE = 32, 16
 
@@ -252,8 +253,6 @@ def test_metadata_values_come_back_as_plain_python(tmp_path):
 
 
 def test_truncated_real_gguf_is_a_format_error_naming_the_file(tmp_path):
-    if not SMOLLM2.is_file():
-        pytest.skip(f"{SMOLLM2} is not on disk")
     truncated = tmp_path / "smollm2-truncated.gguf"
     with SMOLLM2.open("rb") as src, truncated.open("wb") as dst:
         dst.write(src.read(SMOLLM2.stat().st_size // 2))

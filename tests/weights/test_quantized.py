@@ -14,9 +14,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from tunelab.errors import UnsupportedQuantization
 from tunelab.weights.gguf_file import GGUFFile
 from tunelab.weights.quantized import SUPPORTED_TYPES, QuantizedTensor
+from real_models import real_model_path
 
-SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-QWEN_CODER = Path("/work/models/qwen2.5-coder-0.5b-instruct.gguf")
+SMOLLM2 = real_model_path("smollm2:135m")
+QWEN_CODER = real_model_path("qwen2.5-coder:0.5b")
 # One real tensor of each type the two on-disk models use.
 REAL_TENSORS = [
     (SMOLLM2, "blk.0.attn_q.weight", Q.Q4_1),
@@ -70,8 +71,6 @@ def test_quantized_normal_weights_decode_exactly_like_gguf(qtype):
 
 @pytest.mark.parametrize("path,name,qtype", REAL_TENSORS, ids=lambda v: getattr(v, "name", str(v)))
 def test_real_model_tensor_decodes_exactly_like_gguf(path, name, qtype):
-    if not path.is_file():
-        pytest.skip(f"{path} is not on disk")
     tensor = real_tensors(path)[name]
     assert tensor.tensor_type == qtype
     shape = tuple(reversed(tensor.shape.tolist()))

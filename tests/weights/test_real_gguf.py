@@ -17,9 +17,10 @@ from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
 from tunelab.model.kv_cache import KVCache
 from tunelab.weights.gguf_file import GGUFFile
 from tunelab.weights.loader import load_weights
+from real_models import real_model_path
 
-SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-QWEN_CODER = Path("/work/models/qwen2.5-coder-0.5b-instruct.gguf")
+SMOLLM2 = real_model_path("smollm2:135m")
+QWEN_CODER = real_model_path("qwen2.5-coder:0.5b")
 
 FACTS = {
     SMOLLM2: dict(
@@ -41,19 +42,13 @@ FACTS = {
 PATHS = list(FACTS)
 
 
-def require(path: Path) -> Path:
-    if not path.is_file():
-        pytest.skip(f"{path} is not on disk")
-    return path
-
-
 @pytest.fixture(scope="module")
 def opened():
     files = {}
 
     def get(path: Path) -> GGUFFile:
         if path not in files:
-            files[path] = GGUFFile(require(path))
+            files[path] = GGUFFile(path)
         return files[path]
 
     return get
@@ -65,7 +60,7 @@ def loaded():
 
     def get(path: Path):
         if path not in models:
-            models[path] = load_weights(require(path))
+            models[path] = load_weights(path)
         return models[path]
 
     return get

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+import collections.abc
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -266,7 +267,7 @@ class Engine:
         )
 
 
-class _LazyTokenTexts(Sequence):
+class _LazyTokenTexts(collections.abc.Sequence):
     """The vocabulary's token texts, built on first use (only DRY needs them)."""
 
     def __init__(self, tokenizer):
