@@ -34,9 +34,13 @@ class PreparedRequest:
     thinking: bool | None  # None: the template has no thinking switch
     starts_in_thinking: bool
     parse_tools: bool
+    prefill: str = ""  # the start of the reply, written into the prompt (e.g. an opened tool call)
 
     def parser(self) -> OutputParser:
-        return OutputParser(starts_in_thinking=self.starts_in_thinking, parse_tools=self.parse_tools)
+        """A fresh parser for this reply, already past the prefill (whose own text is not re-emitted)."""
+        parser = OutputParser(starts_in_thinking=self.starts_in_thinking, parse_tools=self.parse_tools)
+        parser.feed(self.prefill)
+        return parser
 
 
 def conversation(runtime: ModelRuntime, messages: list[dict[str, Any]], system: str | None = None) -> list[dict]:
@@ -55,8 +59,11 @@ def conversation(runtime: ModelRuntime, messages: list[dict[str, Any]], system: 
 def prepare_chat(runtime: ModelRuntime, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
                  tools: list[dict[str, Any]] | None = None, think: bool | None = None,
                  system: str | None = None, sampling_extras: dict[str, Any] | None = None,
-                 template: str | None = None) -> PreparedRequest:
-    """Render a chat with the model's template (or `template`, a Jinja override) and build its engine request."""
+                 template: str | None = None, prefill: str = "") -> PreparedRequest:
+    """Render a chat with the model's template (or `template`, a Jinja override) and build its engine request.
+
+    `prefill` is appended after the generation prompt: the reply continues from it.
+    """
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise InvalidRequest("messages must be a list of objects with a 'role' and a 'content'")
     opts = runtime.options(options)
@@ -65,8 +72,10 @@ def prepare_chat(runtime: ModelRuntime, messages: list[dict[str, Any]], *, optio
     thinking = resolve_thinking(think if think is not None else opts["think"], full, template.supports_thinking)
     prompt = template.render(full, tools=tools or None, add_generation_prompt=True, enable_thinking=thinking)
     starts_in_thinking = _opens_thought(prompt)
-    return _prepare(runtime, prompt, opts, thinking, starts_in_thinking, parse_tools=bool(tools),
-                    sampling_extras=sampling_extras)
+    prepared = _prepare(runtime, prompt + prefill, opts, thinking, starts_in_thinking, parse_tools=bool(tools),
+                        sampling_extras=sampling_extras)
+    prepared.prefill = prefill
+    return prepared
 
 
 def prepare_completion(runtime: ModelRuntime, prompt: str, *, system: str | None = None, raw: bool = False,

@@ -6,10 +6,14 @@ cache, not several). Its engine batches every request for it. The rules:
 - A request for the resident model joins it at once, unless a request for
   another model is already waiting (then it queues behind that switch, so a
   busy model cannot starve the next one).
-- A request for another model, or for the same model with different load-time
-  options (`num_ctx`, `num_batch`, `num_thread`, `dtype`, ...), **waits** until
-  the resident model's in-flight requests finish, then **evicts** it and loads
-  its own. Running requests are never cut off by a switch.
+- Models made from the same weights (`create` FROM another model with a new
+  SYSTEM, TEMPLATE or PARAMETERs) share the resident weights and engine; each
+  request still gets its own model's settings. Only the weights, adapters and
+  load-time options (`num_ctx`, `num_batch`, `num_thread`, `dtype`, ...)
+  decide whether a reload is needed, as in Ollama.
+- A request that needs other weights or load-time options **waits** until the
+  resident model's in-flight requests finish, then **evicts** it and loads its
+  own. Running requests are never cut off by a switch.
 - A model with no request in flight is unloaded `keep_alive` after its last
   request ended (default 5 minutes, or `TUNELAB_KEEP_ALIVE`): 0 unloads at once,
   a negative value keeps it loaded until the server stops. The latest request's
@@ -25,14 +29,14 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from tunelab.errors import InvalidRequest, TunelabError
-from tunelab.options import LOAD_TIME_OPTIONS
+from tunelab.options import LOAD_TIME_OPTIONS, resolve_options, validate_options
 from tunelab.registry.store import ModelRecord, Store
-from tunelab.runtime import ModelRuntime, open_model
+from tunelab.runtime import ModelRuntime, _chat_template, open_model
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +95,15 @@ class LoadedModel:
 
 @dataclass
 class Lease:
-    """One request's use of the resident model; `load_seconds` is what this request waited on loading."""
+    """One request's use of the resident model.
+
+    `runtime` is the resident weights and engine with the requested model's own settings;
+    `load_seconds` is how long this request waited for a load.
+    """
 
     model: LoadedModel
+    runtime: ModelRuntime
     load_seconds: float
-
-    @property
-    def runtime(self) -> ModelRuntime:
-        return self.model.runtime
 
 
 class ModelManager:
@@ -116,7 +121,9 @@ class ModelManager:
         """Load `name` if needed and count this request as using it; `release` the lease when done."""
         record = await asyncio.to_thread(self.store.resolve, name)
         load_options = {k: v for k, v in (options or {}).items() if k in LOAD_TIME_OPTIONS}
-        load_key = (record.digest, tuple(sorted(load_options.items())))
+        resolved = resolve_options(record.parameters, load_options)
+        load_key = (str(record.weights_path), tuple(map(str, record.adapters)),
+                    tuple(sorted((k, v) for k, v in resolved.items() if k in LOAD_TIME_OPTIONS)))
         waited_for_switch = False
         async with self._changed:
             try:
@@ -124,7 +131,7 @@ class ModelManager:
                     current = self.loaded
                     if current is not None and current.load_key == load_key and (
                             waited_for_switch or self._num_switch_waiters == 0):
-                        return self._lease(current, 0.0)
+                        return self._lease(current, record, 0.0)
                     if current is not None and current.load_key != load_key and current.num_active > 0:
                         if not waited_for_switch:
                             waited_for_switch = True
@@ -143,7 +150,7 @@ class ModelManager:
                     self.loaded = LoadedModel(runtime, record, load_key, time.perf_counter() - started,
                                               keep_alive=self.default_keep_alive)
                     log.info("loaded %s in %.1fs", record.name, self.loaded.load_seconds)
-                    return self._lease(self.loaded, self.loaded.load_seconds)
+                    return self._lease(self.loaded, record, self.loaded.load_seconds)
             finally:
                 if waited_for_switch:
                     self._num_switch_waiters -= 1
@@ -192,13 +199,13 @@ class ModelManager:
         async with self._changed:
             self._changed.notify_all()
 
-    def _lease(self, model: LoadedModel, load_seconds: float) -> Lease:
+    def _lease(self, model: LoadedModel, record: ModelRecord, load_seconds: float) -> Lease:
         model.num_active += 1
         model.expires_at = None
         if model._expiry is not None:
             model._expiry.cancel()
             model._expiry = None
-        return Lease(model, load_seconds)
+        return Lease(model, _with_settings(model.runtime, record), load_seconds)
 
     def _schedule_expiry(self, model: LoadedModel) -> None:
         if model.keep_alive == FOREVER:
@@ -223,6 +230,15 @@ class ModelManager:
 
     def _is_named(self, model: LoadedModel, name: str) -> bool:
         try:
-            return self.store.resolve(name).digest == model.record.digest
+            return self.store.resolve(name).weights_path == model.record.weights_path
         except TunelabError:  # an unknown or malformed name is simply not the loaded one
             return False
+
+
+def _with_settings(runtime: ModelRuntime, record: ModelRecord) -> ModelRuntime:
+    """The resident runtime as the model `record` configures it (its SYSTEM, TEMPLATE, PARAMETERs, MESSAGEs)."""
+    if runtime.record is not None and record.digest == runtime.record.digest:
+        return runtime
+    return replace(runtime, name=record.name, record=record, parameters=validate_options(record.parameters),
+                   system=record.system, template=_chat_template(record, runtime.tokenizer),
+                   messages=[{"role": role, "content": content} for role, content in record.messages])

@@ -27,13 +27,14 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tunelab.chat.output_parser import Event
+from tunelab.chat.output_parser import ContentDelta, Event, ThinkingDelta, ToolCall
 from tunelab.engine.engine import RequestHandle
 from tunelab.engine.request import TokenEvent
 from tunelab.errors import TunelabError
 from tunelab.generation import PreparedRequest
 from tunelab.runtime import ModelRuntime
 from tunelab.server.model_manager import Lease, ModelManager
+from tunelab.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,19 @@ class Generation:
                 return
             if event.finish_reason is not None:
                 return
+
+
+def split_events(events: list[Event]) -> tuple[str, str, list[ToolCall]]:
+    """A step's parsed output as (thinking text, answer text, tool calls)."""
+    thinking = "".join(e.text for e in events if isinstance(e, ThinkingDelta))
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    return thinking, content, [e for e in events if isinstance(e, ToolCall)]
+
+
+def token_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    """One token's log-probability as both APIs spell it: `{token, logprob, bytes}`."""
+    raw = tokenizer.token_bytes(token_id)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
 
 async def _client_disconnect(receive: Receive) -> None:
