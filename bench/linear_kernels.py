@@ -33,7 +33,7 @@ def median_us(fn, repeats: int) -> float:
 
 def kernels(n: int, k: int, group_size: int):
     w = torch.randn(n, k) * 0.02
-    w_bf16 = w.bfloat16()
+    w_bf16, w_fp16 = w.bfloat16(), w.half()
     scales = w.abs().amax(1) / 127
     w_int8 = (w / scales[:, None]).round().to(torch.int8)
     groups = w.view(n, k // group_size, group_size)
@@ -48,6 +48,8 @@ def kernels(n: int, k: int, group_size: int):
         "int8(bf16 x)": lambda x: torch._weight_int8pack_mm(x.bfloat16(), w_int8, scales.bfloat16()),
         "int8(fp32 x)": lambda x: torch._weight_int8pack_mm(x, w_int8, scales),
         "int4(bf16 x)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed4, group_size, scale_zero),
+        "int4(fp16 x)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.half(), packed4, group_size, scale_zero.half()),
+        "fp16": lambda x: F.linear(x.half(), w_fp16),
     }
 
 

@@ -105,14 +105,14 @@ def open_model(name_or_path: str, store: Store | None = None, options: dict[str,
     load = dict(load, num_ctx=num_ctx)
     return ModelRuntime(
         name=name, path=path, config=config, model=model, tokenizer=tokenizer,
-        template=_chat_template(record, tokenizer), engine=engine, parameters=parameters,
+        template=chat_template_for(record, tokenizer), engine=engine, parameters=parameters,
         system=record.system if record else None,
         messages=[{"role": role, "content": content} for role, content in (record.messages if record else [])],
         load_options=load, record=record, load_seconds=time.perf_counter() - started,
     )
 
 
-def _chat_template(record: ModelRecord | None, tokenizer: Tokenizer) -> ChatTemplate:
+def chat_template_for(record: ModelRecord | None, tokenizer: Tokenizer) -> ChatTemplate:
     """The model's TEMPLATE if it is Jinja, else the template shipped with the weights, else Qwen3's."""
     stored = record.template if record else None
     if stored and "{{ ." not in stored and "{{- ." not in stored:

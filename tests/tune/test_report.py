@@ -14,7 +14,9 @@ from tunelab.tune.report import (SCHEMA_VERSION, aider_settings, analyse, failur
                                  results_json, tuned_name, write_report)
 from tunelab.tune.scoring import Score
 from tunelab.tune.statistics import wilson_interval
-from tunelab.tune.study import ArmResult, Config, StudyResults, StudySettings
+from tunelab.tune.evaluation import ArmResult
+from tunelab.tune.search_space import Config
+from tunelab.tune.study import StudyResults, StudySettings
 
 TUNED = Config("trial 7", {"temperature": 0.2, "top_p": 0.85, "top_k": 30}, "Be brief.", None)
 QWEN = Config("qwen preset", {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}, "", None)

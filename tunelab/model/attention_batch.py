@@ -35,47 +35,51 @@ class AttentionBatch:
     num_seqs: int
     max_query: int
 
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence: the flat tokens are already one row per sequence, in order."""
+        return self.max_query == 1
+
     @classmethod
     def build(cls, slices: list[SequenceSlice], block_size: int, all_logits: bool = False) -> "AttentionBatch":
-        """Build the batch description from plain integers.
+        """Build the batch description from plain integers, with a fixed number of tensor ops for any batch.
 
         Logits are returned for the last new token of every sequence, or for
         every new token when `all_logits` is set (oracle tests, `explain`).
         """
-        num_seqs = len(slices)
-        max_query = max(s.num_new for s in slices)
-        max_context = max(s.num_cached + s.num_new for s in slices)
-        positions, slots, query_slots, logits_rows = [], [], [], []
-        key_index = torch.zeros(num_seqs, max_context, dtype=torch.long)
-        attn_mask = torch.zeros(num_seqs, 1, max_query, max_context, dtype=torch.bool)
-        row = 0
         for s, sl in enumerate(slices):
-            context = sl.num_cached + sl.num_new
-            if len(sl.block_table) * block_size < context:
-                raise ValueError(f"sequence {s} needs {context} slots but owns {len(sl.block_table)} blocks")
-            table = torch.tensor(sl.block_table, dtype=torch.long)
-            key_pos = torch.arange(context)
-            key_index[s, :context] = table[key_pos // block_size] * block_size + key_pos % block_size
-            new_pos = torch.arange(sl.num_cached, context)
-            positions.append(new_pos)
-            slots.append(key_index[s, sl.num_cached:context])
-            query_slots.append(s * max_query + torch.arange(sl.num_new))
-            # Causal: the i-th new token (position num_cached + i) sees keys 0..num_cached + i.
-            attn_mask[s, 0, : sl.num_new, :context] = key_pos[None, :] <= new_pos[:, None]
-            # Padding queries see key 0 so their (discarded) softmax stays finite.
-            attn_mask[s, 0, sl.num_new :, 0] = True
-            if all_logits:
-                logits_rows.extend(range(row, row + sl.num_new))
-            else:
-                logits_rows.append(row + sl.num_new - 1)
-            row += sl.num_new
+            if len(sl.block_table) * block_size < sl.num_cached + sl.num_new:
+                raise ValueError(f"sequence {s} needs {sl.num_cached + sl.num_new} slots "
+                                 f"but owns {len(sl.block_table)} blocks")
+        num_seqs = len(slices)
+        max_query = max(sl.num_new for sl in slices)
+        max_context = max(sl.num_cached + sl.num_new for sl in slices)
+        max_blocks = -(-max_context // block_size)
+        num_cached = torch.tensor([sl.num_cached for sl in slices])  # [S]
+        num_new = torch.tensor([sl.num_new for sl in slices])  # [S]
+        tables = torch.tensor([(sl.block_table + [sl.block_table[-1]] * max_blocks)[:max_blocks] for sl in slices])
+
+        # Keys past a sequence's context point at its own last block; the mask hides them.
+        key_pos = torch.arange(max_context)  # [K]
+        key_index = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [S, K]
+        query_offset = torch.arange(max_query)  # [Q]
+        query_pos = num_cached[:, None] + query_offset  # [S, Q]
+        is_real = query_offset < num_new[:, None]  # [S, Q]: False for padding queries
+        # Causal: the i-th new token (position num_cached + i) sees keys 0..num_cached + i.
+        attn_mask = (key_pos <= query_pos[:, :, None]) & is_real[:, :, None]  # [S, Q, K]
+        attn_mask[:, :, 0] |= ~is_real  # padding queries see key 0 so their (discarded) softmax stays finite
+        positions = query_pos[is_real]  # [T], sequence by sequence
+        slot_mapping = key_index.gather(1, query_pos.clamp(max=max_context - 1))[is_real]  # [T]
+        query_slots = (torch.arange(num_seqs)[:, None] * max_query + query_offset)[is_real]  # [T]
+        ends = num_new.cumsum(0)  # [S]
+        logits_indices = torch.arange(int(ends[-1])) if all_logits else ends - 1
         return cls(
-            positions=torch.cat(positions),
-            slot_mapping=torch.cat(slots),
-            query_slots=torch.cat(query_slots),
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_slots=query_slots,
             key_index=key_index,
-            attn_mask=attn_mask,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+            attn_mask=attn_mask[:, None],
+            logits_indices=logits_indices,
             num_seqs=num_seqs,
             max_query=max_query,
         )

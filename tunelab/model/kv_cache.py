@@ -9,17 +9,27 @@ recomputing.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages the OS maps only when first written.
+
+    numpy's zeros come from calloc, which takes large blocks straight from mmap, so an
+    unused part of a big KV pool costs no resident memory (torch.zeros writes every page).
+    """
+    num_bytes = torch.Size(shape).numel() * dtype.itemsize
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32):
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, kv_heads, head_dim]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)  # [L, slots, kv_heads, head_dim]
 
     @classmethod
     def for_tokens(cls, config, num_tokens: int, block_size: int = 16, dtype=torch.float32) -> "KVCache":

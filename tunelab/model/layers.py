@@ -1,7 +1,9 @@
 """The building blocks of the transformer: RMSNorm, RoPE, attention and the SwiGLU MLP.
 
-Module and parameter names are HF's (`self_attn.q_proj`, `q_norm`,
-`mlp.gate_proj`, ...), so safetensors checkpoints load without a name map.
+Module and parameter names are HF's (`self_attn.o_proj`, `q_norm`,
+`mlp.down_proj`, ...), except that projections of the same input are fused
+into one matmul (`qkv_proj`, `gate_up_proj`, as nano-vllm does);
+`FUSED_PROJECTIONS` tells the loader where each checkpoint projection goes.
 Projections stay plain `nn.Linear` modules so quantized layers can replace them.
 """
 
@@ -16,6 +18,13 @@ from torch import nn
 from tunelab.model.attention_batch import AttentionBatch
 from tunelab.model.config import ModelConfig
 from tunelab.model.kv_cache import KVCache
+
+
+# Checkpoint projection -> (fused projection, shard index); shards are stacked along the output rows.
+FUSED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
 
 
 class RMSNorm(nn.Module):
@@ -124,9 +133,8 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         hidden, q_size, kv_size = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, hidden, bias=False)
         # One [head_dim] weight shared by all heads of the layer.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -136,9 +144,10 @@ class Attention(nn.Module):
                 batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; this layer's new keys and values go into `kv_cache`."""
         num_tokens, num_seqs, max_query = x.shape[0], batch.num_seqs, batch.max_query
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -147,13 +156,16 @@ class Attention(nn.Module):
         keys, values = kv_cache.gather(self.layer_index, batch.key_index)  # [S, K, KV, D] each
         keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [S, KV, K, D]
 
-        # Scatter the flat queries into one padded row per sequence.
-        queries = q.new_zeros(num_seqs * max_query, self.num_heads, self.head_dim)  # [S * Q, H, D]
-        queries[batch.query_slots] = q
-        queries = queries.view(num_seqs, max_query, self.num_heads, self.head_dim).transpose(1, 2)  # [S, H, Q, D]
+        if batch.is_decode:
+            queries = q[:, :, None]  # [S, H, 1, D]: one token per sequence, in sequence order
+        else:
+            # Scatter the flat queries into one padded row per sequence.
+            queries = q.new_zeros(num_seqs * max_query, self.num_heads, self.head_dim)  # [S * Q, H, D]
+            queries[batch.query_slots] = q
+            queries = queries.view(num_seqs, max_query, self.num_heads, self.head_dim).transpose(1, 2)  # [S, H, Q, D]
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(num_seqs * max_query, self.num_heads * self.head_dim)  # [S * Q, H * D]
-        return self.o_proj(out[batch.query_slots])  # [T, hidden]
+        return self.o_proj(out if batch.is_decode else out[batch.query_slots])  # [T, hidden]
 
 
 class GatedMLP(nn.Module):
@@ -161,10 +173,10 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, ff] each
+        return self.down_proj(F.silu(gate) * up)

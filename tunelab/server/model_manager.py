@@ -36,7 +36,7 @@ from typing import Any
 from tunelab.errors import InvalidRequest, TunelabError
 from tunelab.options import LOAD_TIME_OPTIONS, resolve_options, validate_options
 from tunelab.registry.store import ModelRecord, Store
-from tunelab.runtime import ModelRuntime, _chat_template, open_model
+from tunelab.runtime import ModelRuntime, chat_template_for, open_model
 
 log = logging.getLogger(__name__)
 
@@ -240,5 +240,5 @@ def _with_settings(runtime: ModelRuntime, record: ModelRecord) -> ModelRuntime:
     if runtime.record is not None and record.digest == runtime.record.digest:
         return runtime
     return replace(runtime, name=record.name, record=record, parameters=validate_options(record.parameters),
-                   system=record.system, template=_chat_template(record, runtime.tokenizer),
+                   system=record.system, template=chat_template_for(record, runtime.tokenizer),
                    messages=[{"role": role, "content": content} for role, content in record.messages])

@@ -6,17 +6,24 @@ below is one function from blocks `[N, type_size]` uint8 to values
 `[N, block_size]` float32, written after `gguf.quants` (which mirrors
 ggml-quants.c) with the same arithmetic order, so results agree bit for bit.
 
-`QuantizedTensor` holds the raw blocks, so a quantized linear layer can later
-keep weights packed and dequantise on the fly; at load time we dequantise.
+`QuantizedTensor` holds the raw blocks. GGML's block formats have no PyTorch
+kernel, so at load time each linear weight is converted once to the nearest
+layout that has one (`NEAREST_KERNEL`): `Int8Linear` (one scale per output
+row, `torch._weight_int8pack_mm`) or `Int4Linear` (asymmetric groups of 32,
+GGML's block size, `torch._weight_int4pack_mm_for_cpu`). Both kernels want
+bfloat16 activations. `QuantizedEmbedding` keeps the token table in its GGML
+blocks and decodes only the looked-up rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
+import gguf
 import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as Q
+from torch import nn
 
 from tunelab.errors import UnsupportedQuantization
 
@@ -180,3 +187,152 @@ class QuantizedTensor:
         type_size = GGML_QUANT_SIZES[self.qtype][1]
         values = DEQUANTIZE_BLOCKS[self.qtype](self.raw.view(-1, type_size))  # [N, block_size]
         return values.view(self.shape).to(dtype)
+
+    def rows(self, start: int, stop: int) -> "QuantizedTensor":
+        """Rows start..stop-1 along the first dim (GGML rows are whole blocks, so this is a byte slice)."""
+        row_bytes = self.raw.numel() // self.shape[0]
+        return QuantizedTensor(self.raw[start * row_bytes:stop * row_bytes], self.qtype, (stop - start, *self.shape[1:]))
+
+
+# The kernel layout that keeps each GGML type's precision: 4-bit types (and below) fit int4
+# groups of 32 (Q4_0, Q4_1 and Q4_K blocks map one to one); 5- to 8-bit types need int8.
+NEAREST_KERNEL: dict[Q, str] = {
+    Q.Q2_K: "int4", Q.Q3_K: "int4", Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q4_K: "int4",
+    Q.Q5_0: "int8", Q.Q5_1: "int8", Q.Q5_K: "int8", Q.Q6_K: "int8", Q.Q8_0: "int8",
+}
+INT4_GROUP_SIZE = 32
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: weight [N, K] -> codes [N, K] int8 and scales [N] float32."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127  # [N]
+    return (weight / scales[:, None]).round_().to(torch.int8), scales
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of 32 along K: codes [N, K] int32 in 0..15 and [N, K / 32, 2] (scale, zero).
+
+    The kernel computes (code - 8) * scale + zero, so zero is the group's midpoint:
+    near 0 for most groups, which keeps its bfloat16 rounding small.
+    """
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)  # [N, G, 32]
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
+    scales = ((high - low) / 15).clamp_min(1e-12)
+    codes = ((groups - low[..., None]) / scales[..., None]).round_().clamp_(0, 15)
+    return codes.to(torch.int32).view(n, k), torch.stack([scales, low + 8 * scales], dim=-1)
+
+
+def kernel_fits(kind: str, out_features: int, in_features: int) -> bool:
+    """Whether the CPU kernel for `kind` takes this weight shape (others crash inside the kernel)."""
+    if kind == "int4":
+        return in_features % INT4_GROUP_SIZE == 0 and out_features % 16 == 0
+    return in_features % 32 == 0
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weights stay packed for a CPU kernel; `bias`, if any, stays a float Parameter."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if not kernel_fits(self.kind, out_features, in_features):
+            raise ValueError(f"{self.kind} kernels cannot run a {out_features}x{in_features} weight")
+        self.out_features, self.in_features = out_features, in_features
+        self.register_parameter("bias", None)
+
+    kind = ""
+
+    @classmethod
+    def from_rows(cls, chunks: Iterable[torch.Tensor], out_features: int, in_features: int,
+                  dtype: torch.dtype = torch.bfloat16) -> "QuantizedLinear":
+        """Quantize a weight arriving as float row chunks, so the whole weight is never held in float."""
+        layer = cls(out_features, in_features, dtype)
+        start = 0
+        for chunk in chunks:
+            layer.store_rows(start, chunk)
+            start += chunk.shape[0]
+        if start != out_features:
+            raise ValueError(f"got {start} rows for a weight of {out_features}")
+        return layer
+
+    def store_rows(self, start: int, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] bfloat16 -> [..., out_features]."""
+        out = self.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights [N, K] with one scale per output row, through `torch._weight_int8pack_mm`."""
+
+    kind = "int8"
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(out_features, in_features, dtype)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))  # [N]
+
+    def store_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Quantize float rows [n, K] into rows start..start+n-1."""
+        codes, scales = quantize_int8(rows)
+        self.weight[start:start + len(rows)] = codes
+        self.scales[start:start + len(rows)] = scales
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight, self.scales)  # [M, N]
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit weights in groups of 32, packed by `_convert_weight_to_int4pack_for_cpu` ([N, K / 2] uint8)."""
+
+    kind = "int4"
+    PACK_ROWS = 64  # the packer tiles rows by 64: chunks of whole tiles pack as the full weight does
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(out_features, in_features, dtype)
+        num_groups = in_features // INT4_GROUP_SIZE
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # [N, K/2]
+        self.register_buffer("scales_and_zeros", torch.empty(num_groups, out_features, 2, dtype=dtype))  # [G, N, 2]
+
+    def store_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Quantize float rows [n, K] (n a multiple of 64 unless they are the last) into rows start..start+n-1."""
+        if start % self.PACK_ROWS:
+            raise ValueError(f"int4 rows must be stored in tiles of {self.PACK_ROWS}")
+        codes, scales_and_zeros = quantize_int4(rows)
+        self.weight[start:start + len(rows)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        self.scales_and_zeros[:, start:start + len(rows)] = scales_and_zeros.transpose(0, 1)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP_SIZE, self.scales_and_zeros)
+
+
+QUANTIZED_LINEAR: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token table kept in GGML blocks; each lookup decodes only the rows it gathers."""
+
+    def __init__(self, table: QuantizedTensor, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.qtype, self.dtype = table.qtype, dtype
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.register_buffer("blocks", table.raw.view(self.num_embeddings, -1))  # [vocab, row_bytes] uint8
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                   chunk_rows: int = 8192) -> "QuantizedEmbedding":
+        """A float table [vocab, dim] stored as Q8_0 (8.5 bits a value), encoded by `gguf.quants`."""
+        raw = torch.cat([torch.from_numpy(gguf.quants.quantize(weight[i:i + chunk_rows].float().numpy(), Q.Q8_0)).flatten()
+                         for i in range(0, weight.shape[0], chunk_rows)])
+        return cls(QuantizedTensor(raw, Q.Q8_0, tuple(weight.shape)), dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, dim] in `dtype`."""
+        rows = self.blocks[ids]  # [T, row_bytes]
+        return QuantizedTensor(rows.flatten(), self.qtype, (len(ids), self.embedding_dim)).dequantize(self.dtype)
