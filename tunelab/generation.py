@@ -59,34 +59,39 @@ def conversation(runtime: ModelRuntime, messages: list[dict[str, Any]], system: 
 def prepare_chat(runtime: ModelRuntime, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
                  tools: list[dict[str, Any]] | None = None, think: bool | None = None,
                  system: str | None = None, sampling_extras: dict[str, Any] | None = None,
-                 template: str | None = None, prefill: str = "") -> PreparedRequest:
+                 template: str | None = None, prefill: str = "", json_mode: bool = False) -> PreparedRequest:
     """Render a chat with the model's template (or `template`, a Jinja override) and build its engine request.
 
-    `prefill` is appended after the generation prompt: the reply continues from it.
+    `prefill` is appended after the generation prompt: the reply continues from it. `json_mode`
+    constrains the reply to one JSON object; a thinking model then answers without thinking.
     """
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise InvalidRequest("messages must be a list of objects with a 'role' and a 'content'")
     opts = runtime.options(options)
     full = conversation(runtime, messages, system)
     template = runtime.template if template is None else request_template(runtime, template)
+    if json_mode:
+        think = False if template.supports_thinking else None
     thinking = resolve_thinking(think if think is not None else opts["think"], full, template.supports_thinking)
     prompt = template.render(full, tools=tools or None, add_generation_prompt=True, enable_thinking=thinking)
     starts_in_thinking = _opens_thought(prompt)
     prepared = _prepare(runtime, prompt + prefill, opts, thinking, starts_in_thinking, parse_tools=bool(tools),
-                        sampling_extras=sampling_extras)
+                        sampling_extras=sampling_extras, json_mode=json_mode)
     prepared.prefill = prefill
     return prepared
 
 
 def prepare_completion(runtime: ModelRuntime, prompt: str, *, system: str | None = None, raw: bool = False,
                        options: dict[str, Any] | None = None, think: bool | None = None,
-                       sampling_extras: dict[str, Any] | None = None, template: str | None = None) -> PreparedRequest:
+                       sampling_extras: dict[str, Any] | None = None, template: str | None = None,
+                       json_mode: bool = False) -> PreparedRequest:
     """A plain prompt: templated as one user turn (Ollama `/api/generate`), or sent as is when `raw`."""
     if raw:
         opts = runtime.options(options)
-        return _prepare(runtime, prompt, opts, None, False, parse_tools=False, sampling_extras=sampling_extras)
+        return _prepare(runtime, prompt, opts, None, False, parse_tools=False, sampling_extras=sampling_extras,
+                        json_mode=json_mode)
     return prepare_chat(runtime, [{"role": "user", "content": prompt}], options=options, think=think,
-                        system=system, sampling_extras=sampling_extras, template=template)
+                        system=system, sampling_extras=sampling_extras, template=template, json_mode=json_mode)
 
 
 def request_template(runtime: ModelRuntime, source: str) -> ChatTemplate:
@@ -105,7 +110,8 @@ def _opens_thought(prompt: str) -> bool:
 
 
 def _prepare(runtime: ModelRuntime, prompt: str, opts: dict[str, Any], thinking: bool | None,
-             starts_in_thinking: bool, parse_tools: bool, sampling_extras: dict[str, Any] | None) -> PreparedRequest:
+             starts_in_thinking: bool, parse_tools: bool, sampling_extras: dict[str, Any] | None,
+             json_mode: bool = False) -> PreparedRequest:
     tokenizer = runtime.tokenizer
     prompt_ids = tokenizer.encode(prompt)
     params = SamplingParams.from_options(opts, **(sampling_extras or {})).with_seed()
@@ -120,7 +126,7 @@ def _prepare(runtime: ModelRuntime, prompt: str, opts: dict[str, Any], thinking:
         budget = ThinkingBudget(tokenizer, opts["think_budget"], starts_in_thinking)
     request = Request(prompt_ids=prompt_ids, params=params, max_new_tokens=max(max_new, 0),
                       stop_strings=tuple(params.stop), stop_token_ids=frozenset(tokenizer.stop_token_ids),
-                      think_budget=budget)
+                      think_budget=budget, json_mode=json_mode)
     return PreparedRequest(request, prompt, opts, thinking, starts_in_thinking, parse_tools)
 
 

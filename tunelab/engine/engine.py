@@ -27,6 +27,7 @@ from tunelab.engine.scheduler import Scheduler
 from tunelab.engine.stop_conditions import StopStringMatcher
 from tunelab.errors import PromptTooLong
 from tunelab.model.kv_cache import KVCache
+from tunelab.sampling.json_format import JsonConstraint
 from tunelab.sampling.sampler import Sampler, SamplerState
 
 
@@ -109,6 +110,7 @@ class Engine:
             token_ids=list(request.prompt_ids),
             num_prompt_tokens=num_prompt,
             stop_matcher=StopStringMatcher(request.stop_strings),
+            json_constraint=JsonConstraint(self.tokenizer.token_texts) if request.json_mode else None,
         )
         handle = RequestHandle(request)
         with self._lock:
@@ -214,8 +216,12 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor) -> list[TokenEvent]:
         chosen = [seqs[r] for r in rows]
+        logits = logits[rows]
+        for i, seq in enumerate(chosen):
+            if seq.json_constraint is not None and not seq.forced_ids:
+                logits[i] = seq.json_constraint.mask(logits[i])
         result = self.sampler(
-            logits[rows],
+            logits,
             [s.request.params for s in chosen],
             [s.token_ids for s in chosen],
             [s.sampler_state for s in chosen],
@@ -244,8 +250,12 @@ class Engine:
         if token in seq.request.stop_token_ids and not seq.forced_ids:
             return self._finish(seq, FinishReason.STOP, seq.stop_matcher.flush(), token, logprob, top)
         text, matched = seq.stop_matcher.feed(seq.detokenizer.add(token))
+        if seq.json_constraint is not None:
+            seq.json_constraint.advance(token)
+            matched = matched or seq.json_constraint.is_complete  # the object is closed: the reply is done
         if matched:
-            return self._finish(seq, FinishReason.STOP, text, token, logprob, top)
+            # After a stop string nothing is held back; after a closed JSON object the tail is released.
+            return self._finish(seq, FinishReason.STOP, text + seq.stop_matcher.flush(), token, logprob, top)
         if seq.num_generated >= seq.request.max_new_tokens or len(seq.token_ids) >= self.config.num_ctx:
             tail = seq.stop_matcher.feed(seq.detokenizer.flush())[0] + seq.stop_matcher.flush()
             return self._finish(seq, FinishReason.LENGTH, text + tail, token, logprob, top)

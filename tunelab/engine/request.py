@@ -26,6 +26,7 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     think_budget: Any = None  # tunelab.chat.thinking.ThinkingBudget, or None
+    json_mode: bool = False  # the reply must be one JSON object (Ollama format "json")
     request_id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -58,6 +59,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     stop_matcher: Any = None  # tunelab.engine.stop_conditions.StopStringMatcher
+    json_constraint: Any = None  # tunelab.sampling.json_format.JsonConstraint, in JSON mode
     forced_ids: list[int] = field(default_factory=list)  # tokens to feed instead of sampling
     finished: FinishReason | None = None
 

@@ -75,12 +75,15 @@ async def version() -> dict:
 
 # ---- generate and chat ------------------------------------------------------------------------
 
-def _check_format(body: GenerationBody) -> None:
+def _json_mode(body: GenerationBody) -> bool:
+    """Whether `format` asks for JSON mode; a JSON Schema is refused (only plain JSON is enforced)."""
     if body.format in (None, ""):
-        return
-    if body.format == "json" or isinstance(body.format, dict):
-        raise InvalidRequest("format (JSON mode) needs constrained decoding, which tunelab's engine does not "
-                             "have yet; leave format out and ask for JSON in the prompt")
+        return False
+    if body.format == "json":
+        return True
+    if isinstance(body.format, dict):
+        raise InvalidRequest("format as a JSON Schema is not supported; use format \"json\" (any JSON object) "
+                             "and describe the fields in the prompt")
     raise InvalidRequest(f"invalid format: {body.format!r}; expected \"json\" or a valid JSON Schema object")
 
 
@@ -108,12 +111,13 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         raise InvalidRequest(f'"{body.model}" does not support images; leave images out')
     if body.context:
         raise InvalidRequest("context (the deprecated token memory) is not supported; use /api/chat with messages")
-    _check_format(body)
+    json_mode = _json_mode(body)
     think = body.think_switch()
 
     def prepare(runtime: ModelRuntime):
         return prepare_completion(runtime, body.prompt, system=body.system, raw=body.raw, options=options,
-                                  think=think, sampling_extras=body.sampling_extras(), template=body.template)
+                                  think=think, sampling_extras=body.sampling_extras(), template=body.template,
+                                  json_mode=json_mode)
 
     generation = await Generation.start(_manager(request), body.model, options, prepare, keep_alive=keep_alive,
                                         started=started)
@@ -130,7 +134,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         return await _load_or_unload(request, body, options, keep_alive, started, chat=True)
     if any(message.images for message in body.messages):
         raise InvalidRequest(f'"{body.model}" does not support images; leave images out')
-    _check_format(body)
+    json_mode = _json_mode(body)
     think = body.think_switch()
     messages = [message.for_template() for message in body.messages]
 
@@ -139,7 +143,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
             raise InvalidRequest(f'"{body.model}" does not support tools (its chat template has none); '
                                  "leave tools out or use a model such as qwen2.5-coder")
         return prepare_chat(runtime, messages, options=options, tools=body.tools, think=think,
-                            sampling_extras=body.sampling_extras())
+                            sampling_extras=body.sampling_extras(), json_mode=json_mode)
 
     generation = await Generation.start(_manager(request), body.model, options, prepare, keep_alive=keep_alive,
                                         started=started)

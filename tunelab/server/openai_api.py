@@ -41,12 +41,15 @@ def _error_body(exc: BaseException) -> dict:
     return {"error": {"message": error_message(exc), "type": "api_error", "param": None, "code": None}}
 
 
-def _check_response_format(response_format: ResponseFormat | None) -> None:
+def _json_mode(response_format: ResponseFormat | None) -> bool:
+    """Whether `response_format` asks for JSON mode; json_schema is refused (only plain JSON is enforced)."""
     if response_format is None or response_format.type == "text":
-        return
-    if response_format.type in ("json_object", "json_schema"):
-        raise InvalidRequest(f"response_format {response_format.type} needs constrained decoding, which tunelab's "
-                             "engine does not have yet; leave response_format out and ask for JSON in the prompt")
+        return False
+    if response_format.type == "json_object":
+        return True
+    if response_format.type == "json_schema":
+        raise InvalidRequest("response_format json_schema is not supported; use {\"type\": \"json_object\"} "
+                             "and describe the fields in the prompt")
     raise InvalidRequest(f"response_format.type {response_format.type!r} is not one of text, json_object, "
                          "json_schema")
 
@@ -91,7 +94,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     think = body.think_switch()
     tools = body.tools_to_render()
     prefill = body.tool_prefill()
-    _check_response_format(body.response_format)
+    json_mode = _json_mode(body.response_format)
     messages = [message.for_template() for message in body.messages]
 
     def prepare(runtime: ModelRuntime):
@@ -99,7 +102,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             raise InvalidRequest(f'"{body.model}" does not support tools (its chat template has none); '
                                  "leave tools out or use a model such as qwen2.5-coder")
         return prepare_chat(runtime, messages, options=options, tools=tools, think=think,
-                            sampling_extras=body.sampling_extras(), prefill=prefill)
+                            sampling_extras=body.sampling_extras(), prefill=prefill, json_mode=json_mode)
 
     generation = await Generation.start(request.app.state.manager, body.model, options, prepare,
                                         keep_alive=parse_keep_alive(body.keep_alive), started=started)
