@@ -99,6 +99,28 @@ def test_import_links_the_gguf_and_registers_what_the_ollama_manifest_says(store
     assert recreated.digest == record.digest
 
 
+def test_imported_model_runs_with_the_imported_settings(store, ollama_models):
+    from tunelab.generation import collect, prepare_chat
+    from tunelab.runtime import open_model
+
+    import_ollama_model(store, "smollm2:135m", ollama_models)
+    runtime = open_model("smollm2:135m", store, pull_missing=False)
+    try:
+        assert runtime.engine.config.num_ctx == 8192 and runtime.system == "You are a concise assistant."
+        prepared = prepare_chat(runtime, [{"role": "user", "content": "What is the capital of France?"}],
+                                options={"num_predict": 12})
+        # The Go TEMPLATE is kept as data; the prompt comes from the GGUF's own chat template,
+        # with the imported SYSTEM and MESSAGE seeds in front of the user's turn.
+        assert prepared.prompt.startswith("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n"
+                                          "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>")
+        params = prepared.request.params
+        assert (params.temperature, params.top_k, params.top_p) == (0.2, 20, 0.95)
+        reply = collect(prepared, runtime.engine.generate(prepared.request))
+    finally:
+        runtime.close()
+    assert reply.token_ids and reply.content.strip()
+
+
 def test_import_reads_ollama_models_from_the_environment_and_can_rename(store, ollama_models, monkeypatch):
     monkeypatch.setenv("OLLAMA_MODELS", str(ollama_models))
     assert list_ollama_models() == ["smollm2:135m"]

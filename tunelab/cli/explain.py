@@ -15,8 +15,8 @@ from tunelab.registry.store import Store
 from tunelab.runtime import open_model
 
 STAGE_TITLES = {"raw": "raw", "logit_bias": "bias", "penalties": "penalties", "dry": "DRY",
-                "top_n_sigma": "top-nσ", "top_k": "top-k", "typical": "typical", "top_p": "top-p",
-                "min_p": "min-p", "xtc": "XTC", "temperature": "temp", "mirostat": "mirostat"}
+                "top_n_sigma": "top-nσ", "top_k": "top-k", "top_p": "top-p",
+                "typical_p": "typical", "min_p": "min-p", "xtc": "XTC", "temperature": "temp", "mirostat": "mirostat"}
 
 
 @app.command()
