@@ -62,6 +62,17 @@ RECORDED = {
     "text_after_calls_and_literal_tags": (
         WEATHER_CALL + "\nDone </tool_call> and </think> are text.", False,
         ParsedOutput("", "Done </tool_call> and </think> are text.", [ToolCall("get_weather", {"city": "Paris"})])),
+    # What qwen2.5-coder 0.5B really answers when given a tool: the call without its tags.
+    "bare_call_without_tags": (
+        '{"name": "get_current_weather", "arguments": {"city": "Paris", "unit": "celsius"}}', False,
+        ParsedOutput("", "", [ToolCall("get_current_weather", {"city": "Paris", "unit": "celsius"})])),
+    "bare_call_in_json_fence_after_thought": (
+        '<think>\nweather tool\n</think>\n\n```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+        False, ParsedOutput("weather tool", "", [ToolCall("get_weather", {"city": "Paris"})])),
+    "json_answer_that_is_not_a_call": (
+        '{"name": "Ada", "born": 1815}', False, ParsedOutput("", '{"name": "Ada", "born": 1815}')),
+    "code_fence_answer_is_not_held": (
+        "```python\nprint({'name': 1})\n```", False, ParsedOutput("", "```python\nprint({'name': 1})\n```")),
 }
 
 
@@ -138,6 +149,15 @@ def test_finish_reports_unclosed_thought():
     parser.feed("<think>\nnever closed")
     assert parser.finish() == []
     assert parser.thinking_unclosed
+
+
+def test_an_answer_that_may_be_a_bare_call_is_held_until_it_is_decided():
+    parser = OutputParser(parse_tools=True)
+    assert parser.feed('{"name": "f", "argu') == []
+    assert parser.finish() == [ContentDelta('{"name": "f", "argu')]  # cut off: not a call after all
+    parser = OutputParser(parse_tools=True)
+    assert parser.feed("```py") == [ContentDelta("```py")]  # cannot become ```json: shown at once
+    assert OutputParser(parse_tools=False).feed('{"name": "f", "arguments": {}}') != []
 
 
 def test_parse_tools_off_keeps_calls_as_text():

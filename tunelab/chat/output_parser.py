@@ -11,7 +11,9 @@ The rules, the same for `OutputParser` (streaming) and `parse_output` (whole tex
   SGLang do.
 - `<tool_call>{json}</tool_call>` blocks in the answer become `ToolCall`s; a block whose
   JSON is malformed stays answer text (see tool_calls.py). An unclosed last block is
-  still parsed, as vLLM's hermes parser does.
+  still parsed, as vLLM's hermes parser does. A reply with no such block whose whole
+  answer is one bare `{"name": ..., "arguments": ...}` object is a call too; while an
+  answer could still be one, the streaming parser holds it back.
 - Newlines the template puts around tags are not text: thinking and answer lose leading and
   trailing newlines (Qwen's own parsing does `.strip("\n")`), and newlines just before a
   `<think>` or `<tool_call>` are dropped.
@@ -26,7 +28,8 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from tunelab.chat.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_call
+from tunelab.chat.tool_calls import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, could_be_bare_tool_call,
+                                     parse_bare_tool_call, parse_tool_call)
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -102,6 +105,7 @@ class OutputParser:
         self._thinking = _NewlineTrim()
         self._content = _NewlineTrim()
         self._call_body = ""
+        self._held_answer: str | None = "" if parse_tools else None  # None: cannot be a bare call
         self._buffer = ""
         self._events: list[Event] = []
 
@@ -133,6 +137,13 @@ class OutputParser:
                 self._events.append(call)
             else:
                 self._emit_content(TOOL_CALL_OPEN + self._call_body)
+        if self._held_answer:
+            held, self._held_answer = self._held_answer, None
+            call = parse_bare_tool_call(held)
+            if call is not None:
+                self._events.append(call)
+            else:
+                self._emit_content(held)
         self.thinking_unclosed = self._mode is _Mode.THINKING
         self._thinking.cut()
         self._content.cut()
@@ -165,12 +176,14 @@ class OutputParser:
                 self._text(tag)
             self._may_drop_repeated_open = False
         elif tag == THINK_OPEN:
+            self._release_held_answer(keep_waiting=True)
             self._content.cut()
             self._mode, self._has_thought = _Mode.THINKING, True
         elif tag == THINK_CLOSE:
             self._thinking.cut()
             self._mode, self._may_drop_repeated_open = _Mode.CONTENT, False
         elif tag == TOOL_CALL_OPEN:
+            self._release_held_answer(keep_waiting=False)
             self._content.cut()
             self._mode, self._call_body = _Mode.TOOL_CALL, ""
         else:
@@ -182,9 +195,26 @@ class OutputParser:
             self._mode = _Mode.CONTENT
 
     def _emit_content(self, text: str) -> None:
+        if self._held_answer is not None:
+            held = self._held_answer + text
+            if not held.strip() or could_be_bare_tool_call(held.lstrip()):
+                self._held_answer = held
+                return
+            self._held_answer, text = None, held
         shown = self._content.push(text)
         if shown:
             self._events.append(ContentDelta(shown))
+
+    def _release_held_answer(self, keep_waiting: bool) -> None:
+        """A tag arrived: held text is answer text after all (blank text may still precede a bare call)."""
+        held = self._held_answer
+        if held is None:
+            return
+        self._held_answer = None
+        if held:
+            self._emit_content(held)
+        if keep_waiting and not held.strip():
+            self._held_answer = ""
 
     def _take_events(self) -> list[Event]:
         events, self._events = _merge_deltas(self._events), []
@@ -221,6 +251,7 @@ def parse_output(text: str, starts_in_thinking: bool = False, parse_tools: bool 
     content_runs = [""]  # answer text between structural tags; each loses its trailing newlines
     call_body = ""
     calls: list[ToolCall] = []
+    saw_tool_tag = False
     for i, piece in enumerate(_TAG.split(text)):
         is_tag = i % 2 == 1
         if mode is _Mode.THINKING:
@@ -244,7 +275,7 @@ def parse_output(text: str, starts_in_thinking: bool = False, parse_tools: bool 
             mode, has_thought = _Mode.THINKING, True
             content_runs.append("")
         elif is_tag and piece == TOOL_CALL_OPEN and parse_tools:
-            mode, call_body = _Mode.TOOL_CALL, ""
+            mode, call_body, saw_tool_tag = _Mode.TOOL_CALL, "", True
             content_runs.append("")
         else:
             content_runs[-1] += piece
@@ -255,4 +286,7 @@ def parse_output(text: str, starts_in_thinking: bool = False, parse_tools: bool 
         else:
             content_runs[-1] += TOOL_CALL_OPEN + call_body
     content = "".join(run.rstrip("\n") for run in content_runs).lstrip("\n")
+    bare = parse_bare_tool_call(content) if parse_tools and not calls and not saw_tool_tag else None
+    if bare is not None:
+        calls, content = [bare], ""
     return ParsedOutput(thinking.strip("\n"), content, calls, thinking_unclosed=mode is _Mode.THINKING)

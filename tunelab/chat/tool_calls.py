@@ -61,6 +61,36 @@ def parse_tool_call(body: str) -> ToolCall | None:
     return ToolCall(name, arguments)
 
 
+def could_be_bare_tool_call(answer: str) -> bool:
+    """Whether an answer that starts like `answer` (leading whitespace removed) may still be a bare call."""
+    return answer.startswith("{") or answer.startswith("```json") or "```json".startswith(answer)
+
+
+def parse_bare_tool_call(answer: str) -> ToolCall | None:
+    """A call written as the whole answer without `<tool_call>` tags, or None.
+
+    Small models (qwen2.5-coder 0.5B among them) often answer a tool request with just
+    `{"name": ..., "arguments": {...}}`, or that object in a ```json fence; Ollama accepts
+    these too. Only an object with both a name and arguments counts, so an ordinary JSON
+    answer that happens to have a "name" field stays text.
+    """
+    text = answer.strip()
+    if text.startswith("```json") and text.endswith("```"):
+        text = text[len("```json"):-3].strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or not ({"arguments", "parameters"} & call.keys()):
+        return None
+    arguments = call.get("arguments", call.get("parameters"))
+    if not isinstance(call.get("name"), str) or not isinstance(arguments, (dict, str)):
+        return None
+    return parse_tool_call(text)
+
+
 def _reject(body: str, reason: str) -> None:
     logger.warning("tool call kept as text: %s: %.200r", reason, body)
     return None
