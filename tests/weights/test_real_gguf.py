@@ -15,6 +15,7 @@ import torch
 
 from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
 from tunelab.model.kv_cache import KVCache
+from tunelab.model.layers import FUSED_PROJECTIONS
 from tunelab.weights.gguf_file import GGUFFile
 from tunelab.weights.loader import load_weights
 from real_models import real_model_path
@@ -87,11 +88,26 @@ def test_config_matches_the_model_card(path, opened):
         assert getattr(config, field) == value, field
 
 
+def checkpoint_rows(model, name: str) -> torch.Tensor:
+    """The rows of a checkpoint tensor inside our model, where q/k/v and gate/up are fused along the rows."""
+    module_name, _, leaf = name.rpartition(".")
+    parent, _, projection = module_name.rpartition(".")
+    if projection not in FUSED_PROJECTIONS:
+        return dict(model.named_parameters())[name]
+    fused, shard = FUSED_PROJECTIONS[projection]
+    config = model.config
+    sizes = {"qkv_proj": [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2,
+             "gate_up_proj": [config.intermediate_size] * 2}[fused]
+    return dict(model.named_parameters())[f"{parent}.{fused}.{leaf}"].split(sizes)[shard]
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_every_tensor_loads_finite_into_its_parameter(path, loaded):
     config, model = loaded(path)
     params = dict(model.named_parameters())
-    assert len(params) == FACTS[path]["num_tensors"]
+    # Per layer, q/k/v (and their biases) become one fused parameter, gate/up another.
+    merged = config.num_layers * (2 + (2 if config.attention_bias else 0) + 1)
+    assert len(params) == FACTS[path]["num_tensors"] - merged
     for name, param in params.items():
         assert param.dtype == torch.float32 and torch.isfinite(param).all(), name
     if config.tie_word_embeddings:
@@ -109,7 +125,7 @@ def test_qwen_tensors_equal_gguf_dequantisation(gguf_name, our_name, opened, loa
     tensor = next(t for t in opened(QWEN_CODER).reader.tensors if t.name == gguf_name)
     expected = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
     _, model = loaded(QWEN_CODER)
-    np.testing.assert_array_equal(dict(model.named_parameters())[our_name].detach().numpy(), expected)
+    np.testing.assert_array_equal(checkpoint_rows(model, our_name).detach().numpy(), expected)
 
 
 @pytest.mark.parametrize("gguf_name,projection,num_heads", [
@@ -118,7 +134,7 @@ def test_llama_qk_rows_are_the_file_rows_unpermuted(gguf_name, projection, num_h
     tensor = next(t for t in opened(SMOLLM2).reader.tensors if t.name == gguf_name)
     in_file = torch.from_numpy(gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type))
     _, model = loaded(SMOLLM2)
-    ours = getattr(model.model.layers[0].self_attn, projection).weight.detach()
+    ours = checkpoint_rows(model, f"model.layers.0.self_attn.{projection}.weight").detach()
     # llama.cpp's converter permutation, applied to our rows, gives back the file's rows.
     permuted = ours.reshape(num_heads, 2, ours.shape[0] // num_heads // 2, -1).swapaxes(1, 2).reshape(ours.shape)
     assert torch.equal(permuted, in_file)

@@ -31,6 +31,7 @@ class AttentionBatch:
     query_slots: torch.Tensor  # [T] index of each new token in the padded [S * max_query] layout
     key_index: torch.Tensor  # [S, max_context] flat KV-cache slot of each key, per sequence
     attn_mask: torch.Tensor  # [S, 1, max_query, max_context] True where a query may see a key
+    attn_bias: torch.Tensor  # attn_mask as 0 / -inf, float32, to add to attention scores
     logits_indices: torch.Tensor  # [R] flat token rows whose logits the model returns
     num_seqs: int
     max_query: int
@@ -79,6 +80,7 @@ class AttentionBatch:
             query_slots=query_slots,
             key_index=key_index,
             attn_mask=attn_mask[:, None],
+            attn_bias=torch.zeros(attn_mask[:, None].shape).masked_fill_(~attn_mask[:, None], float("-inf")),
             logits_indices=logits_indices,
             num_seqs=num_seqs,
             max_query=max_query,

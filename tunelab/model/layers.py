@@ -36,8 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise over the last dim in fp32, cast back, then scale (the order the checkpoints use)."""
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        """Normalise over the last dim and scale, in one kernel (it accumulates in fp32 for 16-bit x)."""
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -111,18 +111,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_inv_freq(self.config)
         self.inv_freq = inv_freq if device is None else inv_freq.to(device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each [T, head_dim], for positions [T]."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin for positions [T], each [T, 1, head_dim] in `dtype`, for `apply_rope`."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        # rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1, +1]: fold the signs into sin once.
+        return torch.cat((cos, cos), dim=-1)[:, None].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by cos/sin [T, D]; the first and second halves of D pair up."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, D]
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D] by RoPE: x * cos + rotate_half(x) * sin, with cos/sin from `RotaryEmbedding`."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -133,7 +132,6 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         hidden, q_size, kv_size = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, hidden, bias=False)
         # One [head_dim] weight shared by all heads of the layer.
@@ -144,28 +142,44 @@ class Attention(nn.Module):
                 batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; this layer's new keys and values go into `kv_cache`."""
         num_tokens, num_seqs, max_query = x.shape[0], batch.num_seqs, batch.max_query
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x)  # [T, (H + 2 * KV) * D]
+        qk = qkv[:, :num_qk_heads * self.head_dim].view(num_tokens, num_qk_heads, self.head_dim)  # [T, H + KV, D]
+        v = qkv[:, num_qk_heads * self.head_dim:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        # Queries and keys rotate together: one RoPE pass per layer.
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KV, D]
 
         kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
         keys, values = kv_cache.gather(self.layer_index, batch.key_index)  # [S, K, KV, D] each
         keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [S, KV, K, D]
 
         if batch.is_decode:
-            queries = q[:, :, None]  # [S, H, 1, D]: one token per sequence, in sequence order
+            out = decode_attention(q, keys, values, batch.attn_bias)  # [S, H * D]
         else:
             # Scatter the flat queries into one padded row per sequence.
             queries = q.new_zeros(num_seqs * max_query, self.num_heads, self.head_dim)  # [S * Q, H, D]
             queries[batch.query_slots] = q
             queries = queries.view(num_seqs, max_query, self.num_heads, self.head_dim).transpose(1, 2)  # [S, H, Q, D]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(num_seqs * max_query, self.num_heads * self.head_dim)  # [S * Q, H * D]
-        return self.o_proj(out if batch.is_decode else out[batch.query_slots])  # [T, hidden]
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(num_seqs * max_query, self.num_heads * self.head_dim)[batch.query_slots]
+        return self.o_proj(out)  # [T, hidden]
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per sequence: q [S, H, D], keys and values [S, KV, K, D], additive mask [S, 1, 1, K] -> [S, H * D].
+
+    Two batched matmuls with the query heads grouped by their KV head: SDPA's CPU
+    flash kernel pads every single query to a tile and runs 4-10x slower here.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    grouped = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S, KV, G, D]
+    scores = torch.matmul(grouped * head_dim ** -0.5, keys.transpose(-1, -2))  # [S, KV, G, K]
+    probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).view(num_seqs, num_heads * head_dim)  # [S, KV, G, D] -> [S, H * D]
 
 
 class GatedMLP(nn.Module):

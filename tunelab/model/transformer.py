@@ -60,8 +60,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """Run the new tokens input_ids [T] of a ragged batch; float32 logits [len(batch.logits_indices), vocab]."""
-        cos, sin = self.rotary(batch.positions)  # [T, head_dim] each, shared by all layers
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary(batch.positions, x.dtype)  # [T, 1, head_dim] each, shared by all layers
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, kv_cache)
         x = self.model.norm(x[batch.logits_indices])  # [R, hidden]

@@ -13,6 +13,7 @@ model plus one tensor. Every parameter must receive exactly one tensor of its sh
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 from pathlib import Path
 from typing import Iterator
@@ -26,17 +27,18 @@ from tunelab.model.layers import FUSED_PROJECTIONS
 from tunelab.model.transformer import Transformer
 from tunelab.weights.gguf_file import GGUFFile, unpermute_llama_qk
 from tunelab.weights.hf_checkpoint import HFCheckpoint
-from tunelab.weights.quantized import (NEAREST_KERNEL, QUANTIZED_LINEAR, QuantizedEmbedding, QuantizedTensor,
+from tunelab.weights.quantized import (INT4_EXACT_TYPES, QUANTIZED_LINEAR, QuantizedEmbedding, QuantizedTensor,
                                        kernel_fits)
 
-# How weights may be held: a float dtype for everything, or linear layers quantized
-# ("int8", "int4", or "nearest": per GGUF tensor, the kernel layout closest to its type).
+# How weights are held: a float dtype for everything, or the linear layers quantized:
+#   "int8": int8 rows, except GGML types that int4 groups hold exactly (Q4_1), which stay 4-bit;
+#   "int4": int4 groups of 32, except the LM head, which stays int8 (as llama.cpp's Q4_K_M keeps
+#           its output layer at 6 bits: next-token ranking is most sensitive there).
 WeightFormat = torch.dtype | str
-QUANTIZED_FORMATS = ("int8", "int4", "nearest")
+QUANTIZED_FORMATS = ("int8", "int4")
 QUANTIZED_COMPUTE_DTYPE = torch.bfloat16  # the int8/int4 CPU kernels run fastest on bfloat16 activations
 QUANTIZABLE_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 CHUNK_ROWS = 4096  # rows converted at a time: bounds the float copy of a large weight (the LM head)
-_PRECISION = {"int4": 0, "int8": 1, None: 2}  # None: kept in float
 _NUM_SHARDS = {fused: sum(1 for f, _ in FUSED_PROJECTIONS.values() if f == fused)
                for fused, _ in FUSED_PROJECTIONS.values()}
 
@@ -51,7 +53,7 @@ def load_weights(path: str | Path, dtype: WeightFormat = torch.float32) -> tuple
     path = Path(path)
     if path.is_dir():
         source = HFCheckpoint(path)
-    elif path.suffix == ".gguf":
+    elif path.suffix == ".gguf" or _starts_with_gguf_magic(path):
         source = GGUFFile(path)
     else:
         raise ModelFormatError(f"{path} is neither an HF model directory nor a .gguf file; point at one of those")
@@ -60,12 +62,24 @@ def load_weights(path: str | Path, dtype: WeightFormat = torch.float32) -> tuple
     config = source.config()
     with torch.device("meta"):
         model = Transformer(config)
-    placer = _Placer(model, config, dtype, path)
+    file_pages = _FilePages(source.reader.data) if isinstance(source, GGUFFile) else None
+    placer = _Placer(model, config, dtype, path, file_pages)
     for name, value in _stream(source, placer.dtype):
         placer.place(name, value)
     placer.check_complete()
     model.setup_buffers()
+    del source, placer
+    _return_freed_memory()
     return config, model.eval()
+
+
+def _starts_with_gguf_magic(path: Path) -> bool:
+    """True for a GGUF file under any name (store blobs are named by their sha256)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _stream(source: GGUFFile | HFCheckpoint, dtype: torch.dtype) -> Iterator[tuple[str, Value]]:
@@ -78,20 +92,26 @@ def _stream(source: GGUFFile | HFCheckpoint, dtype: torch.dtype) -> Iterator[tup
     if source.architecture == "llama":
         config = source.config()
         heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+    # The parsed metadata (a 151k-token vocabulary is ~250 MB of small objects) is not needed for
+    # the weights; dropping it keeps it from stacking on top of them at the peak.
+    source.reader.fields.clear()
+    source.metadata.clear()
+    gc.collect()
     for name, packed in source.quantized_tensors():
         projection = name.split(".")[-2]
         if projection in heads:
-            yield name, unpermute_llama_qk(packed.dequantize(), heads[projection])
-            _release_file_pages(packed.raw)
-        else:
-            yield name, packed
+            # Rows are whole GGML blocks, so the rows of the raw bytes reorder exactly.
+            rows = unpermute_llama_qk(packed.raw.view(packed.shape[0], -1), heads[projection])
+            packed = QuantizedTensor(rows.flatten(), packed.qtype, packed.shape)
+        yield name, packed
 
 
 class _Placer:
     """Puts each streamed tensor where it belongs in a model built on `meta`, converting as the format asks."""
 
-    def __init__(self, model: Transformer, config: ModelConfig, weight_format: WeightFormat, path: Path):
-        self.model, self.config, self.path = model, config, path
+    def __init__(self, model: Transformer, config: ModelConfig, weight_format: WeightFormat, path: Path,
+                 file_pages: _FilePages | None):
+        self.model, self.config, self.path, self.file_pages = model, config, path, file_pages
         self.quantize = weight_format if isinstance(weight_format, str) else None
         self.dtype = QUANTIZED_COMPUTE_DTYPE if self.quantize else weight_format
         self.params = dict(model.named_parameters())  # a tied lm_head shares the embedding and is not listed
@@ -119,22 +139,22 @@ class _Placer:
         if name == "model.embed_tokens.weight":
             self._place_embedding(value)
         elif leaf == "weight" and module_name.rpartition(".")[2] in QUANTIZABLE_LINEARS:
-            self._place_linear(module_name, value, self._kind(parts))
+            self._place_linear(module_name, value, self._kind(module_name, parts))
         else:
             self._place_float(name, value)
         self.loaded.add(name)
         for part in parts:
-            if isinstance(part, QuantizedTensor):
-                _release_file_pages(part.raw)
+            if isinstance(part, QuantizedTensor) and self.file_pages is not None:
+                self.file_pages.release(part.raw)
 
-    def _kind(self, parts: list[Value]) -> str | None:
-        """The kernel layout for a linear weight made of `parts`: the most precise any part needs."""
-        if self.quantize in ("int8", "int4"):
-            return self.quantize
+    def _kind(self, module_name: str, parts: list[Value]) -> str | None:
+        """The kernel layout for the linear weight at `module_name`, made of `parts` (None: stays float)."""
         if self.quantize is None:
             return None
-        kinds = [NEAREST_KERNEL.get(p.qtype) if isinstance(p, QuantizedTensor) else None for p in parts]
-        return max(kinds, key=_PRECISION.__getitem__)
+        if self.quantize == "int4":
+            return "int8" if module_name == "lm_head" else "int4"
+        exact_int4 = all(isinstance(p, QuantizedTensor) and p.qtype in INT4_EXACT_TYPES for p in parts)
+        return "int4" if exact_int4 else "int8"
 
     def _check_shape(self, name: str, value: Value) -> None:
         param = self.params.get(name)
@@ -152,17 +172,17 @@ class _Placer:
         torch.utils.swap_tensors(self.params[name], nn.Parameter(tensor, requires_grad=False))
 
     def _place_embedding(self, value: Value) -> None:
-        """A GGUF table stays in its blocks when quantizing; int8/int4 store a float table as Q8_0."""
+        """Quantizing, a GGUF table stays in its blocks and a float one is stored as Q8_0."""
         if isinstance(value, QuantizedTensor) and self.quantize:
             table = QuantizedTensor(value.raw.clone(), value.qtype, value.shape)  # own memory: the file is let go
             self.model.model.embed_tokens = QuantizedEmbedding(table, self.dtype)
-        elif self.quantize in ("int8", "int4"):
+        elif self.quantize:
             self.model.model.embed_tokens = QuantizedEmbedding.from_float(value, self.dtype)
         else:
             self._place_float("model.embed_tokens.weight", value)  # a tied lm_head follows the Parameter
             return
         if self.config.tie_word_embeddings:
-            self._place_linear("lm_head", value, self._kind([value]))
+            self._place_linear("lm_head", value, self._kind("lm_head", [value]))
 
     def _place_linear(self, module_name: str, value: Value, kind: str | None) -> None:
         """Swap the nn.Linear at `module_name` for a `kind` quantized one; its bias Parameter moves along."""
@@ -210,17 +230,34 @@ def _row_chunks(value: Value) -> Iterator[torch.Tensor]:
         yield value.rows(start, stop).dequantize() if isinstance(value, QuantizedTensor) else value[start:stop].float()
 
 
-_MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _release_file_pages(raw: torch.Tensor) -> None:
-    """Let the OS drop the (clean, private) file pages under `raw`, a view of the GGUF map.
+class _FilePages:
+    """The pages of a GGUF file map, handed back to the OS tensor by tensor once placed.
 
-    Read pages of a mapped file count in the process's resident memory until
-    unmapped; the map lives until loading ends, so without this the peak would be
-    the whole file plus the converted model. A later read would fault them back in.
+    Read pages of a mapped file count in the process's resident memory until unmapped,
+    and the map lives until loading ends: without this the peak would be the whole file
+    plus the converted model. The map is private and never written, so its pages are
+    clean; a later read would fault them back in from the file.
     """
-    start = raw.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = raw.data_ptr() + raw.numel()
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, data):
+        self.start, self.end = data.ctypes.data, data.ctypes.data + data.nbytes
+
+    def release(self, raw: torch.Tensor) -> None:
+        """Drop the pages under `raw` if it is a view of the map (never memory of our own)."""
+        address = raw.data_ptr()
+        if self.start <= address and address + raw.numel() <= self.end:
+            first_page = address // mmap.PAGESIZE * mmap.PAGESIZE
+            _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(address + raw.numel() - first_page),
+                          self.MADV_DONTNEED)
+
+
+def _return_freed_memory() -> None:
+    """Hand the loader's freed scratch memory back to the OS (glibc keeps freed heap pages otherwise)."""
+    gc.collect()
+    if hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)

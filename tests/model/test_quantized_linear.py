@@ -1,0 +1,128 @@
+"""Quantized linear layers and embeddings compute what their stored codes say, whatever the batch.
+
+Each expectation is written out by hand from the layout: int8 rows are codes * row scale, int4
+groups are (code - 8) * scale + zero, and a GGML embedding row is its blocks decoded.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from tunelab.weights.quantized import (GEMM_ROWS, INT4_GROUP_SIZE, Int4Linear, Int8Linear, QuantizedEmbedding,
+                                       QuantizedTensor, kernel_fits, quantize_int4, quantize_int8)
+
+
+def random_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def int8_dequantized(layer: Int8Linear) -> torch.Tensor:
+    return layer.weight.float() * layer.scales.float()[:, None]  # [N, K]
+
+
+def test_int8_codes_reconstruct_the_weight_within_half_a_step_per_row():
+    weight = random_weight(48, 64)
+    codes, scales = quantize_int8(weight)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127
+    error = (codes.float() * scales[:, None] - weight).abs()
+    assert (error <= scales[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, GEMM_ROWS, 100], ids=lambda m: f"M{m}")
+def test_int8_linear_equals_a_float_matmul_with_its_dequantized_weight(rows):
+    layer = Int8Linear.from_rows([random_weight(96, 64)], 96, 64)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    expected = x.float() @ int8_dequantized(layer).T
+    # bfloat16 activations and outputs: agreement to bfloat16's precision, relative to the output scale.
+    torch.testing.assert_close(layer(x).float(), expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
+
+
+def test_int4_groups_reconstruct_each_group_within_half_a_step():
+    weight = random_weight(32, 128)
+    codes, scale_zero = quantize_int4(weight)  # [N, K], [N, G, 2]
+    assert codes.min() == 0 and codes.max() == 15
+    scales, zeros = scale_zero.unbind(-1)  # [N, G]
+    values = (codes.view(32, -1, INT4_GROUP_SIZE).float() - 8) * scales[..., None] + zeros[..., None]
+    assert ((values.view(32, 128) - weight).abs() <= scales.repeat_interleave(INT4_GROUP_SIZE, 1) / 2 + 1e-6).all()
+
+
+def test_int4_holds_q4_1_blocks_exactly():
+    values = random_weight(16, 64).numpy()
+    q4_1 = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, Q.Q4_1)).flatten(), Q.Q4_1, (16, 64))
+    stored = q4_1.dequantize()
+    codes, scale_zero = quantize_int4(stored)
+    scales, zeros = scale_zero.unbind(-1)
+    again = (codes.view(16, -1, INT4_GROUP_SIZE).float() - 8) * scales[..., None] + zeros[..., None]
+    torch.testing.assert_close(again.view(16, 64), stored, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64], ids=lambda m: f"M{m}")
+def test_int4_linear_equals_a_float_matmul_with_its_groups(rows):
+    weight = random_weight(64, 96)
+    layer = Int4Linear.from_rows([weight], 64, 96)
+    codes, scale_zero = quantize_int4(weight)
+    scale_zero = scale_zero.bfloat16().float()  # the kernel keeps scales and zeros in bfloat16
+    dequantized = ((codes.view(64, -1, INT4_GROUP_SIZE).float() - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).view(64, 96)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+    expected = x.float() @ dequantized.T
+    torch.testing.assert_close(layer(x).float(), expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
+def test_weight_stored_in_row_chunks_packs_as_the_whole_weight(layer_class):
+    weight = random_weight(256, 64)
+    whole = layer_class.from_rows([weight], 256, 64)
+    chunked = layer_class.from_rows(weight.split(128), 256, 64)
+    for (name, a), (_, b) in zip(whole.named_buffers(), chunked.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch_below_the_gemm_threshold(layer_class):
+    layer = layer_class.from_rows([random_weight(128, 256)], 128, 256)
+    x = torch.randn(GEMM_ROWS - 1, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    together = layer(x)
+    assert torch.equal(together, torch.cat([layer(row[None]) for row in x]))
+    assert torch.equal(together, torch.cat([layer(part) for part in x.split([5, 11, GEMM_ROWS - 17])]))
+
+
+def test_bias_is_added_after_the_quantized_matmul():
+    layer = Int8Linear.from_rows([random_weight(32, 64)], 32, 64)
+    layer.bias = torch.nn.Parameter(torch.arange(32.0).bfloat16(), requires_grad=False)
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(layer(x), torch._weight_int8pack_mm(x, layer.weight, layer.scales) + layer.bias)
+
+
+def test_shapes_the_kernels_cannot_take_are_refused_before_they_crash():
+    assert kernel_fits("int8", 5, 64) and not kernel_fits("int8", 5, 40)
+    assert kernel_fits("int4", 64, 64) and not kernel_fits("int4", 40, 64) and not kernel_fits("int4", 64, 48)
+    with pytest.raises(ValueError, match="int8 kernels cannot run a 16x40 weight"):
+        Int8Linear(16, 40)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_1])
+def test_embedding_rows_decode_exactly_as_the_whole_table(qtype):
+    values = random_weight(40, 64, seed=4).numpy()
+    table = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, qtype)).flatten(), qtype, (40, 64))
+    embedding = QuantizedEmbedding(table, torch.float32)
+    ids = torch.tensor([3, 0, 39, 3])
+    assert torch.equal(embedding(ids), table.dequantize()[ids])
+
+
+def test_float_embedding_is_stored_as_q8_0_by_gguf():
+    weight = random_weight(20, 64, seed=5)
+    embedding = QuantizedEmbedding.from_float(weight, torch.float32, chunk_rows=8)
+    expected = gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), Q.Q8_0), Q.Q8_0)
+    np.testing.assert_array_equal(embedding(torch.arange(20)).numpy(), expected)
+
+
+def test_rows_of_a_gguf_tensor_are_its_byte_slices():
+    values = random_weight(12, 64, seed=6).numpy()
+    tensor = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, Q.Q5_0)).flatten(), Q.Q5_0, (12, 64))
+    assert torch.equal(tensor.rows(4, 9).dequantize(), tensor.dequantize()[4:9])
+    assert torch.equal(F.embedding(torch.tensor([7]), tensor.dequantize()), tensor.rows(7, 8).dequantize())
