@@ -94,6 +94,7 @@ def test_written_report_has_tables_plots_modelfile_and_aider_entry(tmp_path):
     markdown = paths["markdown"].read_text()
     assert "| qwen preset | 50.0 | +0.0 | [" in markdown and "inconclusive" in markdown
     assert "Command: tunelab tune qwen2.5-coder:0.5b" in markdown
+    assert "The winner (trial 7) does not significantly beat qwen preset on held-out tasks: +0.0 points" in markdown
     for name in ("score_by_parameter", "pareto_mean_tokens", "pareto_mean_latency_s", "failures_by_configuration"):
         assert f"![{name}]({name}.png)" in markdown
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -108,7 +109,8 @@ def test_terminal_report_shows_every_arm_and_the_recommendation():
     print_report(console, analyse(results([arm(TUNED, [[True] * 2] * 6), arm(QWEN, [[True, False]] * 6)])))
     text = console.export_text()
     assert "trial 7" in text and "qwen preset" in text and "+50.0 [" in text
-    assert "Recommendation: trial 7" not in text and "because" in text
+    assert "Recommendation: tuned (trial 7)" in text and "because the winner (trial 7) beats" in text
+    assert "The winner (trial 7) beats qwen preset on held-out tasks: +50.0 points (95% CI" in text
 
 
 def test_aider_entry_carries_the_knobs_and_num_ctx():
