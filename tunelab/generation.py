@@ -70,6 +70,9 @@ def prepare_chat(runtime: ModelRuntime, messages: list[dict[str, Any]], *, optio
     opts = runtime.options(options)
     full = conversation(runtime, messages, system)
     template = runtime.template if template is None else request_template(runtime, template)
+    if tools and not template.supports_tools:
+        raise InvalidRequest(f"model {runtime.name!r} does not support tools (its chat template has none); "
+                             "leave tools out or use a model such as qwen2.5-coder")
     if json_mode:
         think = False if template.supports_thinking else None
     thinking = resolve_thinking(think if think is not None else opts["think"], full, template.supports_thinking)

@@ -98,9 +98,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     messages = [message.for_template() for message in body.messages]
 
     def prepare(runtime: ModelRuntime):
-        if tools and not runtime.template.supports_tools:
-            raise InvalidRequest(f'"{body.model}" does not support tools (its chat template has none); '
-                                 "leave tools out or use a model such as qwen2.5-coder")
         return prepare_chat(runtime, messages, options=options, tools=tools, think=think,
                             sampling_extras=body.sampling_extras(), prefill=prefill, json_mode=json_mode)
 
