@@ -55,6 +55,7 @@ def test_local_engine_answers_are_fixed_by_the_seed(local):
     first, again, other = local.generate(job(seed=7)), local.generate(job(seed=7)), local.generate(job(seed=8))
     assert first.generation.text == again.generation.text != other.generation.text
     assert first.generation.tokens == 24 and first.finish_reason == "length" and first.generation.hit_token_limit
+    assert local.identity.endswith(":torch.float32")  # float32 and int8 weights give different tokens
     assert local.effective_knobs({})["temperature"] == 0.8  # the option catalog's default
     assert local.effective_knobs({"top_k": 5})["top_k"] == 5
 

@@ -20,7 +20,7 @@ from tunelab.engine.request import FinishReason
 from tunelab.errors import InvalidOption
 from tunelab.generation import collect, prepare_chat
 from tunelab.options import OPTION_SPECS, resolve_options
-from tunelab.runtime import ModelRuntime
+from tunelab.runtime import ModelRuntime, resolve_dtype
 from tunelab.sampling.params import OPTION_FIELDS
 from tunelab.tune.generation_cache import GenerationKey
 from tunelab.tune.scoring import Generation
@@ -77,7 +77,8 @@ class LocalEngineBackend:
     def __init__(self, runtime: ModelRuntime):
         self.runtime = runtime
         weights = runtime.record.digest if runtime.record else str(runtime.path.resolve())
-        self.identity = f"local:{weights}"
+        # How the weights are held (bfloat16, int8, ...) changes tokens, so it is part of the identity.
+        self.identity = f"local:{weights}:{resolve_dtype(runtime.load_options['dtype'])}"
         self.max_in_flight = runtime.engine.config.max_num_seqs
         self.num_ctx = runtime.load_options["num_ctx"]
         self.supports_thinking = runtime.template.supports_thinking
