@@ -51,9 +51,10 @@ def run_cli(*args: str, home: Path, timeout: float = 600) -> subprocess.Complete
 
 
 def test_run_writes_a_working_string_reversal_within_the_memory_budget(qwen_coder_path, shared_home):
-    # The CLI process reports its own peak RSS when it exits, so no other child of the test run counts.
-    report_peak = ("import atexit, resource, runpy, sys; atexit.register(lambda: sys.stderr.write("
-                   "f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')); "
+    # The CLI process reports its own peak RSS (VmHWM) when it exits. Not ru_maxrss: Linux carries
+    # that across exec, so the child would inherit the high-water mark of the pytest process that forked it.
+    report_peak = ("import atexit, runpy, sys; atexit.register(lambda: sys.stderr.write('PEAK_RSS_KB=' + "
+                   "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')) + '\\n')); "
                    "sys.argv = ['tunelab', *sys.argv[1:]]; runpy.run_module('tunelab', run_name='__main__')")
     env = dict(os.environ, TUNELAB_HOME=str(shared_home), COLUMNS="200")
     result = subprocess.run([sys.executable, "-c", report_peak, "run", "qwen2.5-coder:0.5b",
@@ -82,6 +83,12 @@ def test_unknown_model_lists_what_exists(tmp_path, smollm2_path):
     Store(home).register_gguf("smollm2:135m", smollm2_path)
     line = one_line_error(run_cli("run", "no-such-model", "hi", home=home))
     assert "no-such-model" in line and "smollm2:135m" in line
+
+
+def test_an_unknown_option_is_a_usage_message_not_a_traceback(tmp_path):
+    result = run_cli("run", "smollm2:135m", "hi", "-n", "3", home=tmp_path / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "No such option: -n" in result.stderr and "tunelab run --help" in result.stderr
 
 
 def test_truncated_gguf_is_named_with_a_fix(tmp_path, smollm2_path):

@@ -40,9 +40,10 @@ def main() -> None:
         sys.exit(130)
     except (typer.Abort, typer.Exit) as exc:
         sys.exit(getattr(exc, "exit_code", 1))
-    except Exception as exc:  # click usage errors
-        import click
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # A usage error (unknown option, bad value) prints click's short message. Typer 0.29 carries its own
+        # copy of click, so match the error by its shape rather than by click's class.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
