@@ -114,7 +114,9 @@ def test_batched_prefill_gives_each_sequence_its_logits_alone_to_compute_precisi
 
 
 def test_prompt_on_shared_prefix_blocks_gets_the_logits_of_an_unshared_one(loaded):
-    prefix, tail = list(range(10, 26)), [99, 98, 97, 5, 6]  # the prefix fills 4 whole blocks
+    # The prefix fills 4 whole blocks; the tail is long enough that the shared tail (8 rows) and the
+    # unshared prompt (24 rows) take the same int8 kernel, whose rows are then bit-identical.
+    prefix, tail = list(range(10, 26)), [99, 98, 97, 5, 6, 7, 8, 9]
     # Sequence 0 computes the prefix; sequence 1 starts on those 4 blocks and computes only its tail.
     shared = run(loaded, [{0: prefix + [1, 2]}, {1: tail}], {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 5, 6]},
                  num_cached={0: 0, 1: len(prefix)})

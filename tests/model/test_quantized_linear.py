@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from tunelab.weights.quantized import (GEMM_ROWS, INT4_GROUP_SIZE, Int4Linear, Int8Linear, QuantizedEmbedding,
-                                       QuantizedTensor, kernel_fits, quantize_int4, quantize_int8)
+from tunelab.weights.quantized import (GEMM_ROWS, INT4_GROUP_SIZE, INT_GEMM_ROWS, Int4Linear, Int8Linear,
+                                       QuantizedEmbedding, QuantizedTensor, int8_gemm_two_level, kernel_fits,
+                                       quantize_int4, quantize_int8)
 
 
 def random_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -33,7 +34,7 @@ def test_int8_codes_reconstruct_the_weight_within_half_a_step_per_row():
     assert (error <= scales[:, None] / 2 + 1e-7).all()
 
 
-@pytest.mark.parametrize("rows", [1, 5, GEMM_ROWS, 100], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("rows", [1, 5, INT_GEMM_ROWS, 16, GEMM_ROWS, 100], ids=lambda m: f"M{m}")
 def test_int8_linear_equals_a_float_matmul_with_its_dequantized_weight(rows):
     layer = Int8Linear.from_rows([random_weight(96, 64)], 96, 64)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -82,13 +83,33 @@ def test_weight_stored_in_row_chunks_packs_as_the_whole_weight(layer_class):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
-def test_a_row_gets_the_same_bits_alone_or_in_any_batch_below_the_gemm_threshold(layer_class):
+@pytest.mark.parametrize("layer_class,row_kernel_rows", [(Int8Linear, INT_GEMM_ROWS - 1), (Int4Linear, GEMM_ROWS - 1)])
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch_of_the_row_kernel(layer_class, row_kernel_rows):
     layer = layer_class.from_rows([random_weight(128, 256)], 128, 256)
-    x = torch.randn(GEMM_ROWS - 1, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = torch.randn(row_kernel_rows, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
     together = layer(x)
     assert torch.equal(together, torch.cat([layer(row[None]) for row in x]))
-    assert torch.equal(together, torch.cat([layer(part) for part in x.split([5, 11, GEMM_ROWS - 17])]))
+    assert torch.equal(together, torch.cat([layer(part) for part in x.split([2, 1, row_kernel_rows - 3])]))
+
+
+def test_int8_rows_get_the_same_bits_in_any_batch_of_the_integer_gemm():
+    layer = Int8Linear.from_rows([random_weight(128, 256)], 128, 256)
+    x = torch.randn(GEMM_ROWS - 1, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    together = layer(x)
+    assert torch.equal(together, torch.cat([layer(part) for part in x.split([INT_GEMM_ROWS, 12, 11])]))
+    assert torch.equal(together[:INT_GEMM_ROWS], layer(x[:INT_GEMM_ROWS]))
+
+
+def test_two_level_activations_are_finer_than_bfloat16():
+    # x = s * (hi + lo / 254): the error is within max|x| / 64516 per row, where bfloat16 keeps 8 bits.
+    layer = Int8Linear.from_rows([random_weight(96, 64)], 96, 64)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    x[3, 5] = 40.0  # an outlier sets its row's scale
+    dequantized = int8_dequantized(layer).double()
+    expected = x.double() @ dequantized.T
+    got = int8_gemm_two_level(x, layer.weight, layer.scales.float()).double()
+    bfloat16_error = ((x.bfloat16().double() @ dequantized.T) - expected).abs().max()
+    assert (got - expected).abs().max() < 2e-4 * expected.abs().max() < bfloat16_error
 
 
 def test_bias_is_added_after_the_quantized_matmul():

@@ -200,6 +200,7 @@ class QuantizedTensor:
 # scale d and minimum m, which is what `quantize_int4` finds again from the decoded values.
 INT4_EXACT_TYPES = frozenset({Q.Q4_1})
 INT4_GROUP_SIZE = 32
+INT_GEMM_ROWS = 8  # from this many activation rows (batched decode), int8 weights run through an integer GEMM
 GEMM_ROWS = 32  # from this many activation rows (prefill), int8 weights run through a bfloat16 GEMM
 
 
@@ -286,11 +287,33 @@ class Int8Linear(QuantizedLinear):
         self.scales[start:start + len(rows)] = scales
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= GEMM_ROWS:
+        rows = x.shape[0]
+        if rows >= GEMM_ROWS:
             # One exact int8 -> bfloat16 conversion, then oneDNN's GEMM, with the row scales applied
-            # to the output: 2x faster than the kernel below at 200 rows, slower at 16.
+            # to the output: 2x faster than the kernels below at 200 rows.
             return F.linear(x, self.weight.to(x.dtype)) * self.scales  # [M, N]
+        if rows >= INT_GEMM_ROWS:
+            return int8_gemm_two_level(x, self.weight, self.scales)
+        # The weight-only kernel's cost grows with every row, but below INT_GEMM_ROWS it is the fastest.
         return torch._weight_int8pack_mm(x, self.weight, self.scales)  # [M, N]
+
+
+def int8_gemm_two_level(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (int8 weight [N, K] * row scales [N]).T through one integer GEMM (`torch._int_mm`).
+
+    Each activation row is written as two int8 rows: `hi` = x / s rounded (s = max|x| / 127), and `lo`
+    = the remainder in steps of s / 254, so x = s * (hi + lo / 254) to within max|x| / 64516, finer
+    than bfloat16 itself. The int32 sums are exact, so a row's result is the same bits in any batch;
+    and the integer GEMM's cost barely grows with rows where `_weight_int8pack_mm`'s grows linearly
+    (Qwen2.5 0.5B, 16 rows, one thread: 2x faster on the MLP, 2.8x on the LM head).
+    """
+    rows = x.shape[0]
+    values = x.float()
+    s = (values.abs().amax(-1, keepdim=True) / 127).clamp_(min=1e-30)  # [M, 1]
+    hi = (values / s).round_()
+    lo = (values - hi * s).mul_(254 / s).round_().clamp_(-127, 127)  # the remainder is within s / 2
+    sums = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), weight.t()).float()  # [2M, N]
+    return ((sums[:rows] + sums[rows:] / 254) * s * scales.float()).to(x.dtype)
 
 
 class Int4Linear(QuantizedLinear):
