@@ -25,6 +25,7 @@ from tunelab.registry.sources import SOURCES, make_progress, pull
 from tunelab.registry.store import ModelRecord, Store
 from tunelab.tokenizer import Tokenizer
 from tunelab.weights.loader import QUANTIZED_FORMATS, WeightFormat, load_weights
+from tunelab.weights.prepared import load_prepared, prepared_dir, save_prepared
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,20 @@ def resolve_dtype(name: str) -> WeightFormat:
     return DTYPES[name]
 
 
+def load_model_files(path: Path, weight_format: WeightFormat, store: Store) -> tuple[ModelConfig, torch.nn.Module, Tokenizer]:
+    """Weights and tokenizer of the model at `path`; a quantized load is prepared once and then only read."""
+    if weight_format not in QUANTIZED_FORMATS:
+        return (*load_weights(path, weight_format), Tokenizer.load(path))
+    prepared = prepared_dir(store.cache_dir, path, weight_format)
+    loaded = load_prepared(prepared)
+    if loaded is None:
+        config, model = load_weights(path, weight_format)
+        tokenizer = Tokenizer.load(path)
+        save_prepared(prepared, path, config, model, tokenizer)
+        loaded = config, model, tokenizer
+    return loaded
+
+
 def open_model(name_or_path: str, store: Store | None = None, options: dict[str, Any] | None = None, *,
                max_num_seqs: int = 16, pull_missing: bool = True, quiet: bool = False,
                start_engine: bool = False) -> ModelRuntime:
@@ -101,8 +116,7 @@ def open_model(name_or_path: str, store: Store | None = None, options: dict[str,
     parameters = validate_options(record.parameters if record else {})
     load = resolve_options(parameters, {k: v for k, v in (options or {}).items() if k in LOAD_TIME_OPTIONS})
     started = time.perf_counter()
-    config, model = load_weights(path, resolve_dtype(load["dtype"]))
-    tokenizer = Tokenizer.load(path)
+    config, model, tokenizer = load_model_files(path, resolve_dtype(load["dtype"]), store)
     num_ctx = min(load["num_ctx"], config.max_position_embeddings)
     engine = Engine(model, tokenizer, EngineConfig(num_ctx=num_ctx, num_batch=load["num_batch"],
                                                    num_thread=load["num_thread"], max_num_seqs=max_num_seqs))

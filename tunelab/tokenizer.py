@@ -157,6 +157,15 @@ class Tokenizer:
         return cls(backend, bos_token=bos_token, eos_token=_token_text(config.get("eos_token")),
                    add_bos=add_bos, chat_template=_hf_chat_template(path, config))
 
+    def save_hf_dir(self, path: str | Path) -> None:
+        """Write this tokenizer as an HF directory (`tokenizer.json`, `tokenizer_config.json`) that `from_hf_dir` reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "tokenizer.json").write_text(self.backend.to_str(), encoding="utf-8")
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "add_bos_token": self._add_bos,
+                  "chat_template": self.chat_template}
+        (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> Tokenizer:
         """Build the tokenizer a GGUF file describes from its `tokenizer.*` metadata."""

@@ -1,0 +1,113 @@
+"""Prepared models: a quantized load's result saved once, so loading the same file again only reads it.
+
+Converting GGML blocks to the int8/int4 kernel layouts and building a 151k-token
+tokenizer from GGUF metadata take seconds, and the result depends only on the
+file and the format. After such a load the model's tensors (safetensors), its
+config, its module layout and its tokenizer (as an HF `tokenizer.json`
+directory) are written to `<cache_dir>/prepared-<key>/`, where the key names
+the file (path, size, modification time), the format and this layout's
+version. The directory is written under a temp name and renamed into place, so
+a reader never sees half of it; it holds a symlink to the source file, so the
+store's prune removes it once that file is gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab.model.config import ModelConfig
+from tunelab.model.transformer import Transformer
+from tunelab.tokenizer import Tokenizer
+from tunelab.weights.loader import QUANTIZED_COMPUTE_DTYPE
+from tunelab.weights.quantized import QUANTIZED_LINEAR, QuantizedEmbedding, QuantizedLinear, QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1  # bump when a quantized module's buffers change meaning
+
+
+def prepared_dir(cache_dir: Path, source: Path, weight_format: str) -> Path:
+    """Where the prepared form of `source` in `weight_format` lives (whether or not it exists yet)."""
+    stat = source.resolve().stat()
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{weight_format}|{LAYOUT_VERSION}"
+    return cache_dir / f"prepared-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+
+
+def load_prepared(directory: Path) -> tuple[ModelConfig, Transformer, Tokenizer] | None:
+    """The model saved in `directory`, or None when there is none or it cannot be read (it is then removed)."""
+    if not (directory / "model.json").is_file():
+        return None
+    try:
+        spec = json.loads((directory / "model.json").read_text())
+        config = ModelConfig(**{key: tuple(value) if isinstance(value, list) else value
+                                for key, value in spec["config"].items()})
+        tensors = load_file(directory / "weights.safetensors")
+        with torch.device("meta"):
+            model = Transformer(config)
+            for name, module in spec["modules"].items():
+                _swap(model, name, _empty_module(module, tensors, name))
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.requires_grad_(False)
+        model.setup_buffers()
+        return config, model.eval(), Tokenizer.from_hf_dir(directory / "tokenizer")
+    except Exception as exc:  # a stale or damaged entry is only a cache miss
+        log.warning("ignoring the prepared model in %s (%s); converting the weights again", directory, exc)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+
+
+def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Transformer, tokenizer: Tokenizer) -> None:
+    """Write the loaded model to `directory` atomically; a failure (a full disk, say) only logs a warning."""
+    if directory.exists():
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        modules = {name: _describe(module) for name, module in model.named_modules()
+                   if isinstance(module, (QuantizedLinear, QuantizedEmbedding))}
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+                  temp / "weights.safetensors")
+        tokenizer.save_hf_dir(temp / "tokenizer")
+        (temp / "source").symlink_to(source.resolve())
+        (temp / "model.json").write_text(json.dumps({"config": dataclasses.asdict(config), "modules": modules}))
+        os.rename(temp, directory)
+    except OSError as exc:
+        log.warning("could not save the prepared model to %s (%s); the next load converts again", directory, exc)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # already renamed, or a partial write
+
+
+def _describe(module: nn.Module) -> dict:
+    if isinstance(module, QuantizedEmbedding):
+        return {"kind": "embedding", "qtype": module.qtype.name, "shape": [module.num_embeddings, module.embedding_dim]}
+    return {"kind": module.kind, "shape": [module.out_features, module.in_features]}
+
+
+def _empty_module(spec: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """A quantized module of the recorded kind and shape, on `meta`, for `load_state_dict(assign=True)`."""
+    if spec["kind"] == "embedding":
+        qtype = GGMLQuantizationType[spec["qtype"]]
+        return QuantizedEmbedding(QuantizedTensor(tensors[f"{name}.blocks"].flatten(), qtype, tuple(spec["shape"])),
+                                  QUANTIZED_COMPUTE_DTYPE)
+    out_features, in_features = spec["shape"]
+    layer = QUANTIZED_LINEAR[spec["kind"]](out_features, in_features, QUANTIZED_COMPUTE_DTYPE)
+    if f"{name}.bias" in tensors:
+        layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+    return layer
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
