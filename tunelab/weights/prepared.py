@@ -84,6 +84,8 @@ def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Tra
         (temp / "model.json").write_text(json.dumps({"config": dataclasses.asdict(config), "modules": modules}))
         os.rename(temp, directory)
     except OSError as exc:
+        if directory.is_dir():
+            return  # another process prepared the same model first
         log.warning("could not save the prepared model to %s (%s); the next load converts again", directory, exc)
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # already renamed, or a partial write
