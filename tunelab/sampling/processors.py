@@ -241,6 +241,31 @@ def compact(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return narrow, column_ids
 
 
+def top_k_compact(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`compact(apply_top_k(logits, top_k))` from one `topk` call, when every row has 0 < k < vocab.
+
+    The k-th and (k+1)-th largest logits of each row decide: when they differ, the top k are exactly the k
+    largest, so no full-vocabulary pass is needed. Returns None when they tie in some row (or are both
+    -inf); only the general path knows which tied ids fit then.
+    """
+    vocab_size = logits.shape[-1]
+    k = top_k.long()[:, None]  # [R, 1]
+    values, ids = torch.topk(logits, int(k.max()) + 1, dim=-1)  # [R, k_max + 1], largest first
+    if (values.gather(-1, k - 1) == values.gather(-1, k)).any():
+        return None
+    alive = (torch.arange(values.shape[-1]) < k) & torch.isfinite(values)  # [R, k_max + 1]
+    width = min(vocab_size, -(-max(int(alive.sum(-1).max()), 1) // 64) * 64)
+    # Survivors in id order: dead columns sort last under the key vocab_size.
+    keys, order = torch.where(alive, ids, vocab_size).sort(dim=-1)
+    survives = keys < vocab_size
+    narrow = torch.full((logits.shape[0], width), NEG_INF, dtype=logits.dtype)
+    column_ids = torch.zeros((logits.shape[0], width), dtype=torch.long)
+    columns = min(width, keys.shape[-1])
+    narrow[:, :columns] = torch.where(survives, values.gather(-1, order), NEG_INF)[:, :columns]
+    column_ids[:, :columns] = torch.where(survives, keys, 0)[:, :columns]
+    return narrow, column_ids
+
+
 def _sorted_window(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n largest keys of each row and their token ids, largest first, equal keys by lower id."""
     values, ids = torch.topk(keys, n, dim=-1)  # [R, n]
