@@ -168,7 +168,8 @@ def _run_worker(kind: str, spec: BenchSpec) -> dict:
     done = subprocess.run([str(python), __file__, "worker", kind], input=json.dumps(asdict(spec)),
                           capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     if done.returncode != 0:
-        raise RuntimeError(f"the {kind} benchmark worker failed:\n{done.stderr[-3000:]}")
+        how = f"was killed by signal {-done.returncode}" if done.returncode < 0 else f"exited with {done.returncode}"
+        raise RuntimeError(f"the {kind} benchmark worker {how}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

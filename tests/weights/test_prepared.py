@@ -31,6 +31,7 @@ def test_the_second_load_reads_the_prepared_model_and_computes_the_same(tunelab_
     cold_state, warm_state = cold.model.state_dict(), warm.model.state_dict()
     assert cold_state.keys() == warm_state.keys()
     assert all(torch.equal(cold_state[name], warm_state[name]) for name in cold_state)
+    assert all(tensor.data_ptr() % 64 == 0 for tensor in warm_state.values())  # the kernels' aligned loads
     assert [type(m).__name__ for m in cold.model.modules()] == [type(m).__name__ for m in warm.model.modules()]
     assert warm.tokenizer.encode("def fib(n):\n    return") == cold.tokenizer.encode("def fib(n):\n    return")
     assert warm.tokenizer.stop_token_ids == cold.tokenizer.stop_token_ids
