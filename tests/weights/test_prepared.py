@@ -25,7 +25,7 @@ def test_the_second_load_reads_the_prepared_model_and_computes_the_same(tunelab_
     options = {"dtype": "int8", "num_thread": 1}
     cold = open_model("smollm2:135m", store, options, max_num_seqs=1, quiet=True)
     directory = prepared_dir(store.cache_dir, cold.path, "int8")
-    assert (directory / "weights.safetensors").is_file() and (directory / "source").resolve() == cold.path.resolve()
+    assert (directory / "weights.pt").is_file() and (directory / "source").resolve() == cold.path.resolve()
 
     warm = open_model("smollm2:135m", store, options, max_num_seqs=1, quiet=True)
     cold_state, warm_state = cold.model.state_dict(), warm.model.state_dict()
@@ -44,7 +44,7 @@ def test_a_damaged_prepared_model_is_converted_again(tunelab_home, smollm2_path,
     store = Store(tunelab_home)
     directory = prepared_dir(store.cache_dir, smollm2_path, "int8")
     expected = load_model_files(smollm2_path, "int8", store)[1].state_dict()
-    weights = directory / "weights.safetensors"
+    weights = directory / "weights.pt"
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk or a crash elsewhere
     with caplog.at_level(logging.WARNING):
         assert load_prepared(directory) is None

@@ -2,13 +2,18 @@
 
 Converting GGML blocks to the int8/int4 kernel layouts and building a 151k-token
 tokenizer from GGUF metadata take seconds, and the result depends only on the
-file and the format. After such a load the model's tensors (safetensors), its
-config, its module layout and its tokenizer (as an HF `tokenizer.json`
-directory) are written to `<cache_dir>/prepared-<key>/`, where the key names
-the file (path, size, modification time), the format and this layout's
-version. The directory is written under a temp name and renamed into place, so
-a reader never sees half of it; it holds a symlink to the source file, so the
-store's prune removes it once that file is gone.
+file and the format. After such a load the model's tensors, its config, its
+module layout and its tokenizer (as an HF `tokenizer.json` directory) are
+written to `<cache_dir>/prepared-<key>/`, where the key names the file (path,
+size, modification time), the format and this layout's version. The directory
+is written under a temp name and renamed into place, so a reader never sees
+half of it; it holds a symlink to the source file, so the store's prune
+removes it once that file is gone.
+
+The tensors are saved with `torch.save` and read back memory-mapped: its archive
+aligns every tensor to 64 bytes, which the int8/int4 CPU kernels' aligned
+AVX-512 loads need (safetensors' buffers are only 8-byte aligned, and copying
+them would hold the weights twice), and a warm load then copies nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.model.config import ModelConfig
@@ -53,7 +57,7 @@ def load_prepared(directory: Path) -> tuple[ModelConfig, Transformer, Tokenizer]
         spec = json.loads((directory / "model.json").read_text())
         config = ModelConfig(**{key: tuple(value) if isinstance(value, list) else value
                                 for key, value in spec["config"].items()})
-        tensors = _aligned(load_file(directory / "weights.safetensors"))
+        tensors = torch.load(directory / "weights.pt", mmap=True, weights_only=True)
         with torch.device("meta"):
             model = Transformer(config)
             for name, module in spec["modules"].items():
@@ -77,8 +81,7 @@ def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Tra
     try:
         modules = {name: _describe(module) for name, module in model.named_modules()
                    if isinstance(module, (QuantizedLinear, QuantizedEmbedding))}
-        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
-                  temp / "weights.safetensors")
+        torch.save(model.state_dict(), temp / "weights.pt")
         tokenizer.save_hf_dir(temp / "tokenizer")
         (temp / "source").symlink_to(source.resolve())
         (temp / "model.json").write_text(json.dumps({"config": dataclasses.asdict(config), "modules": modules}))
@@ -89,19 +92,6 @@ def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Tra
         log.warning("could not save the prepared model to %s (%s); the next load converts again", directory, exc)
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # already renamed, or a partial write
-
-
-def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors in 64-byte aligned memory, one copy at a time.
-
-    safetensors hands back tensors over Python bytes objects, 8-byte aligned; the int8 and int4
-    CPU kernels load their weights with aligned AVX-512 instructions and crash on anything less.
-    """
-    for name, tensor in tensors.items():
-        if tensor.data_ptr() % 64:
-            tensors[name] = tensor.clone()
-            del tensor
-    return tensors
 
 
 def _describe(module: nn.Module) -> dict:
