@@ -154,7 +154,9 @@ class Attention(nn.Module):
 
         kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
         keys, values = kv_cache.gather(self.layer_index, batch.key_index)  # [S, K, KV, D] each
-        keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [S, KV, K, D]
+        # Attention runs in float32 whatever the weights: oneDNN JIT-compiles a bfloat16 matmul for every
+        # new shape and keeps it (~1.3 MiB per context length reached), where float32 goes to MKL.
+        q, keys, values = q.float(), keys.float().transpose(1, 2), values.float().transpose(1, 2)  # [S, KV, K, D]
 
         if batch.is_decode:
             out = decode_attention(q, keys, values, batch.attn_bias)  # [S, H * D]
@@ -165,7 +167,7 @@ class Attention(nn.Module):
             queries = queries.view(num_seqs, max_query, self.num_heads, self.head_dim).transpose(1, 2)  # [S, H, Q, D]
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
             out = out.transpose(1, 2).reshape(num_seqs * max_query, self.num_heads * self.head_dim)[batch.query_slots]
-        return self.o_proj(out)  # [T, hidden]
+        return self.o_proj(out.to(x.dtype))  # [T, hidden]
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
