@@ -241,28 +241,33 @@ def compact(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return narrow, column_ids
 
 
-def top_k_compact(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`compact(apply_top_k(logits, top_k))` from one `topk` call, when every row has 0 < k < vocab.
+def top_k_compact(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compact(apply_top_k(logits, top_k))` from one `topk` call, for rows that all have 0 < k < vocab.
 
-    The k-th and (k+1)-th largest logits of each row decide: when they differ, the top k are exactly the k
-    largest, so no full-vocabulary pass is needed. Returns None when they tie in some row (or are both
-    -inf); only the general path knows which tied ids fit then.
+    Where a row's k-th and (k+1)-th largest logits differ, its top k are exactly the k largest. Where they
+    tie (common with bfloat16 logits), the tokens above the cut stay and the tied ones fill the rest
+    lowest id first, found in one pass over that row alone.
     """
     vocab_size = logits.shape[-1]
     k = top_k.long()[:, None]  # [R, 1]
     values, ids = torch.topk(logits, int(k.max()) + 1, dim=-1)  # [R, k_max + 1], largest first
-    if (values.gather(-1, k - 1) == values.gather(-1, k)).any():
-        return None
+    kth = values.gather(-1, k - 1)  # [R, 1]
     alive = (torch.arange(values.shape[-1]) < k) & torch.isfinite(values)  # [R, k_max + 1]
-    width = min(vocab_size, -(-max(int(alive.sum(-1).max()), 1) // 64) * 64)
-    # Survivors in id order: dead columns sort last under the key vocab_size.
-    keys, order = torch.where(alive, ids, vocab_size).sort(dim=-1)
+    keys = torch.where(alive, ids, vocab_size)  # survivors' ids; vocab_size marks a dead column
+    for row in (kth == values.gather(-1, k)).squeeze(-1).nonzero().flatten().tolist():
+        cut = logits[row, :] == kth[row]
+        above = (logits[row, :] > kth[row]).nonzero().flatten()
+        tied = cut.nonzero().flatten()[: int(k[row]) - len(above)] if torch.isfinite(kth[row]) else above[:0]
+        keys[row] = vocab_size
+        keys[row, : len(above) + len(tied)] = torch.cat([above, tied])
+    keys = keys.sort(dim=-1).values  # survivors in id order, dead columns last
     survives = keys < vocab_size
+    width = min(vocab_size, -(-max(int(survives.sum(-1).max()), 1) // 64) * 64)
+    columns = min(width, keys.shape[-1])
     narrow = torch.full((logits.shape[0], width), NEG_INF, dtype=logits.dtype)
     column_ids = torch.zeros((logits.shape[0], width), dtype=torch.long)
-    columns = min(width, keys.shape[-1])
-    narrow[:, :columns] = torch.where(survives, values.gather(-1, order), NEG_INF)[:, :columns]
     column_ids[:, :columns] = torch.where(survives, keys, 0)[:, :columns]
+    narrow[:, :columns] = torch.where(survives, logits.gather(-1, keys.clamp(max=vocab_size - 1)), NEG_INF)[:, :columns]
     return narrow, column_ids
 
 

@@ -241,14 +241,10 @@ class Sampler:
             record("top_n_sigma", logits, None)
         if any(0 < p.top_k < vocab_size for p in params):
             # The later stages need only the survivors: when every row cuts, they move to a narrow tensor.
-            every_row_cuts = all(0 < p.top_k < vocab_size for p in params)
-            narrowed = P.top_k_compact(logits, column("top_k", torch.long)) if every_row_cuts else None
-            if narrowed is not None:
-                logits, column_ids = narrowed
+            if all(0 < p.top_k < vocab_size for p in params):
+                logits, column_ids = P.top_k_compact(logits, column("top_k", torch.long))
             else:
                 logits = P.apply_top_k(logits, column("top_k", torch.long))
-                if every_row_cuts:
-                    logits, column_ids = P.compact(logits)
             record("top_k", logits, column_ids)
         if any(p.typical_p < 1 for p in params):
             logits = P.apply_typical(logits, column("typical_p"))
