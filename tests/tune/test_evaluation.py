@@ -49,3 +49,16 @@ def test_a_real_gain_is_reported_better_and_recommended(tmp_path):
     report = analyse(_results(arms))
     assert verdict(report.comparisons[0].difference) == "better"
     assert report.recommended.knobs == good and "beats Qwen's preset" in report.reason
+
+
+def test_equal_settings_and_greedy_samples_are_planned_once(tmp_path):
+    suite = load_suite("builtin")
+    evaluator = Evaluator(ScriptedBackend(suite), GenerationCache(tmp_path / "generations.db"), seed=0, num_predict=256)
+    tasks = suite[:10]
+    sampled, greedy = Config("winner (trial 3)", {"temperature": 0.5}), Config("greedy", {"temperature": 0.0})
+    same_as_winner = Config("qwen preset", {"temperature": 0.5})
+    # 4 samples of each task, shared by the two equal arms, plus 1 greedy answer per task.
+    assert evaluator.distinct_generations([sampled, greedy, same_as_winner], tasks, samples=4) == 10 * 4 + 10
+    evaluator.evaluate_many([sampled, greedy, same_as_winner], tasks, samples=4)
+    assert evaluator.cache.count() == 10 * 4 + 10  # and drawing them draws exactly those
+    evaluator.close()

@@ -139,19 +139,26 @@ class Evaluator:
         """Wait for the worker threads to finish."""
         self._pool.shutdown(wait=True)
 
-    def _submit(self, config: Config, tasks: list[Task], samples: int, judge: bool,
-                num_predict: int | None = None) -> dict[str, list[Future]]:
+    def distinct_generations(self, configs: list[Config], tasks: list[Task], samples: int) -> int:
+        """How many different generations scoring `configs` takes (equal settings and greedy samples coincide)."""
+        return len({key for config in configs for task in tasks for key in self._keys(config, task, samples)})
+
+    def _keys(self, config: Config, task: Task, samples: int, num_predict: int | None = None) -> list[GenerationKey]:
+        """The cache key of each sample of `task` under `config`."""
         params_hash = self.params_hash(config, num_predict)
         # Greedy decoding ignores the seed, so every sample of a greedy arm is the same generation.
-        is_greedy = self.backend.effective_knobs(config.knobs).get("temperature", 1.0) <= 0
+        if self.backend.effective_knobs(config.knobs).get("temperature", 1.0) <= 0:
+            return [GenerationKey(params_hash, task.id, 0, 0)] * samples
+        return [GenerationKey(params_hash, task.id, sample, _seed(self.seed, task.id, sample)) for sample in range(samples)]
+
+    def _submit(self, config: Config, tasks: list[Task], samples: int, judge: bool,
+                num_predict: int | None = None) -> dict[str, list[Future]]:
         jobs: dict[str, list[Future]] = {}
         for task in tasks:
             prompt = build_prompt(task, None, self.stop_after_code)
             jobs[task.id] = []
-            for sample in range(samples):
-                seed = 0 if is_greedy else _seed(self.seed, task.id, sample)
-                key = GenerationKey(params_hash, task.id, 0 if is_greedy else sample, seed)
-                options = {**config.knobs, "seed": seed, "num_predict": num_predict or self.num_predict,
+            for key in self._keys(config, task, samples, num_predict):
+                options = {**config.knobs, "seed": key.seed, "num_predict": num_predict or self.num_predict,
                            "stop": list(prompt.stop)}
                 if config.think is not False and self.think_budget >= 0:
                     options["think_budget"] = self.think_budget

@@ -339,6 +339,9 @@ class TuningStudy:
         """The winner and every baseline on the held-out tasks, with `held_out_samples` samples each."""
         self.progress.stage = "held-out evaluation"
         arms = [replace(winner, name=f"winner ({winner.name})")] + self.baselines
+        # Now the winner is known the plan is exact: a winner that is a baseline, and greedy samples, coincide.
+        self.progress.planned = (self.progress.generated + self.progress.cached
+                                 + self.evaluator.distinct_generations(arms, self.held_out, self.settings.held_out_samples))
         return self.evaluator.evaluate_many(arms, self.held_out, self.settings.held_out_samples)
 
     def trial_rows(self) -> list[dict[str, Any]]:
