@@ -43,6 +43,18 @@ def wait_for_generations(out, count: int) -> None:
     raise AssertionError(f"the study never reached {count} generations")
 
 
+def wait_for_complete_trials(out, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if trial_states(out).count("COMPLETE") >= count:
+                return
+        except KeyError:  # the study is not created yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the study never finished {count} trials")
+
+
 def trial_states(out) -> list[str]:
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
     return [trial.state.name for trial in study.get_trials(deepcopy=False)]
@@ -69,6 +81,7 @@ def test_an_interrupted_study_resumes_to_the_same_baselines(tmp_path, uninterrup
     out.mkdir()
     process = start(out)
     wait_for_generations(out, 40)  # past the knob probe, in the middle of the screen
+    wait_for_complete_trials(out, 5)  # the 4 baselines and a searched point: the rerun must not propose it again
     process.send_signal(signum)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == (130 if signum == signal.SIGINT else -signal.SIGKILL), output
@@ -86,6 +99,9 @@ def test_an_interrupted_study_resumes_to_the_same_baselines(tmp_path, uninterrup
     cache = GenerationCache(out / "generations.db")
     assert cache.generated_more_than_once() == []
     assert baseline_scores(out) == baseline_scores(uninterrupted)
+    searched = [json.dumps(t["config"]["knobs"], sort_keys=True)
+                for t in json.loads((out / "results.json").read_text())["trials"] if not t["baseline"]]
+    assert len(set(searched)) == len(searched)  # the rerun proposed new points, not the first run's again
     if signum == signal.SIGINT:  # both runs recorded their work: the report counts every generation once
         assert json.loads((out / "results.json").read_text())["throughput"]["generated"] == cache.count()
 

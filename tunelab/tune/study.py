@@ -376,6 +376,9 @@ class TuningStudy:
                 differ = sorted(k for k, v in settings.identity().items() if stored.identity()[k] != v)
                 raise InvalidOption(f"study {study_name!r} was started with other settings ({', '.join(differ)}); "
                                     "rerun with the same flags, or pass a new --study-name or --out")
+            # A fresh process would replay the sampler's random stream from the start and propose the
+            # points it already measured; continue from a stream of its own instead.
+            self.study.sampler = _make_sampler(stored, settings.seed + len(self.study.trials))
             if self.storage.url.startswith("sqlite"):
                 # One process owns a SQLite study; with a database server, other workers may be running,
                 # so their dead trials are found through heartbeats instead.
