@@ -2,7 +2,8 @@
 
 Usage: python bench/linear_kernels.py [--model qwen|smollm2] [--threads 2] [--repeats 20]
 Prints microseconds per call (median of `repeats`) for float32, bfloat16, int8
-(`_weight_int8pack_mm`) and int4 (`_weight_int4pack_mm_for_cpu`) at M = 1, 16, 200.
+(`_weight_int8pack_mm`, and tunelab's two-level activations through `torch._int_mm`)
+and int4 (`_weight_int4pack_mm_for_cpu`) at M = 1, 16, 200.
 Compare ratios within one run; the machine is shared and absolute numbers drift.
 """
 
@@ -14,6 +15,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.weights.quantized import int8_gemm_two_level
 
 SHAPES = {  # name -> (out_features, in_features)
     "qwen": {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864), "lm_head": (151936, 896)},
@@ -47,6 +50,7 @@ def kernels(n: int, k: int, group_size: int):
         "bf16": lambda x: F.linear(x.bfloat16(), w_bf16),
         "int8(bf16 x)": lambda x: torch._weight_int8pack_mm(x.bfloat16(), w_int8, scales.bfloat16()),
         "int8(fp32 x)": lambda x: torch._weight_int8pack_mm(x, w_int8, scales),
+        "int8 two-level": lambda x: int8_gemm_two_level(x.bfloat16(), w_int8, scales),
         "int4(bf16 x)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed4, group_size, scale_zero),
         "int4(fp16 x)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.half(), packed4, group_size, scale_zero.half()),
         "fp16": lambda x: F.linear(x.half(), w_fp16),
