@@ -141,23 +141,26 @@ class Evaluator:
 
     def distinct_generations(self, configs: list[Config], tasks: list[Task], samples: int) -> int:
         """How many different generations scoring `configs` takes (equal settings and greedy samples coincide)."""
-        return len({key for config in configs for task in tasks for key in self._keys(config, task, samples)})
+        return len({key for config in configs for keys in self._keys(config, tasks, samples).values() for key in keys})
 
-    def _keys(self, config: Config, task: Task, samples: int, num_predict: int | None = None) -> list[GenerationKey]:
-        """The cache key of each sample of `task` under `config`."""
+    def _keys(self, config: Config, tasks: list[Task], samples: int,
+              num_predict: int | None = None) -> dict[str, list[GenerationKey]]:
+        """The cache key of each sample of each task under `config`."""
         params_hash = self.params_hash(config, num_predict)
         # Greedy decoding ignores the seed, so every sample of a greedy arm is the same generation.
         if self.backend.effective_knobs(config.knobs).get("temperature", 1.0) <= 0:
-            return [GenerationKey(params_hash, task.id, 0, 0)] * samples
-        return [GenerationKey(params_hash, task.id, sample, _seed(self.seed, task.id, sample)) for sample in range(samples)]
+            return {task.id: [GenerationKey(params_hash, task.id, 0, 0)] * samples for task in tasks}
+        return {task.id: [GenerationKey(params_hash, task.id, sample, _seed(self.seed, task.id, sample))
+                          for sample in range(samples)] for task in tasks}
 
     def _submit(self, config: Config, tasks: list[Task], samples: int, judge: bool,
                 num_predict: int | None = None) -> dict[str, list[Future]]:
+        keys = self._keys(config, tasks, samples, num_predict)
         jobs: dict[str, list[Future]] = {}
         for task in tasks:
             prompt = build_prompt(task, None, self.stop_after_code)
             jobs[task.id] = []
-            for key in self._keys(config, task, samples, num_predict):
+            for key in keys[task.id]:
                 options = {**config.knobs, "seed": key.seed, "num_predict": num_predict or self.num_predict,
                            "stop": list(prompt.stop)}
                 if config.think is not False and self.think_budget >= 0:
