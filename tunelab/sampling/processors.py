@@ -231,7 +231,7 @@ def compact(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     alive = torch.isfinite(logits)  # [R, V]
     counts = alive.sum(-1)  # [R]
-    width = min(logits.shape[-1], -(-max(int(counts.max()), 1) // 64) * 64)
+    width = _narrow_width(counts, logits.shape[-1])
     rows, ids = alive.nonzero(as_tuple=True)  # row-major, so ids ascend within a row
     cols = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]
     narrow = torch.full((logits.shape[0], width), NEG_INF, dtype=logits.dtype)
@@ -239,6 +239,11 @@ def compact(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     column_ids = torch.zeros((logits.shape[0], width), dtype=torch.long)
     column_ids[rows, cols] = ids
     return narrow, column_ids
+
+
+def _narrow_width(counts: torch.Tensor, vocab_size: int) -> int:
+    """Columns of a narrow tensor for rows with `counts` survivors: the most, rounded up to 64, at most the vocabulary."""
+    return min(vocab_size, -(-max(int(counts.max()), 1) // 64) * 64)
 
 
 def top_k_compact(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +267,7 @@ def top_k_compact(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tens
         keys[row, : len(above) + len(tied)] = torch.cat([above, tied])
     keys = keys.sort(dim=-1).values  # survivors in id order, dead columns last
     survives = keys < vocab_size
-    width = min(vocab_size, -(-max(int(survives.sum(-1).max()), 1) // 64) * 64)
+    width = _narrow_width(survives.sum(-1), vocab_size)
     columns = min(width, keys.shape[-1])
     narrow = torch.full((logits.shape[0], width), NEG_INF, dtype=logits.dtype)
     column_ids = torch.zeros((logits.shape[0], width), dtype=torch.long)
