@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import UnsupportedQuantization
+from tunelab.kernels import int8_linear as native_int8
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -292,9 +293,12 @@ class Int8Linear(QuantizedLinear):
             # One exact int8 -> bfloat16 conversion, then oneDNN's GEMM, with the row scales applied
             # to the output: 2x faster than the kernels below at 200 rows.
             return F.linear(x, self.weight.to(x.dtype)) * self.scales  # [M, N]
+        if rows <= native_int8.MAX_ROWS and x.dtype == self.scales.dtype == torch.bfloat16 and native_int8.available():
+            # One pass over the weights for every row, the same bits as int8_gemm_two_level.
+            return native_int8.int8_linear(x, self.weight, self.scales)
         if rows >= INT_GEMM_ROWS:
             return int8_gemm_two_level(x, self.weight, self.scales)
-        # The weight-only kernel's cost grows with every row, but below INT_GEMM_ROWS it is the fastest.
+        # PyTorch's weight-only kernel: its cost grows with every row, but below INT_GEMM_ROWS it is the fastest.
         return torch._weight_int8pack_mm(x, self.weight, self.scales)  # [M, N]
 
 

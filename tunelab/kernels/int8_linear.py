@@ -1,0 +1,52 @@
+"""int8 weights times a few bfloat16 activation rows (decode), through `int8_linear.c`.
+
+For a handful of rows an int8 linear layer costs one read of its weights. PyTorch's
+`_weight_int8pack_mm` reaches about half of this machine's memory bandwidth there, and its
+cost grows with every row; the C kernel reads each weight row once for all rows with AVX-512
+VNNI and prefetching, at about full bandwidth (`bench/linear_kernels.py`: the "native" column).
+It computes exactly what `int8_gemm_two_level` computes, so a row's result is the same bits
+whichever of the two runs it and whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from tunelab.kernels import build
+
+MAX_ROWS = 7  # the kernel takes 1..7 activation rows
+_NEEDS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
+
+
+@functools.cache
+def _function():
+    library = build.load("int8_linear", _NEEDS)
+    if library is None:
+        return None
+    function = library.tunelab_int8_linear
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_void_p, ctypes.c_void_p]
+    return function
+
+
+def available() -> bool:
+    """Whether the kernel runs here (it is built on the first call)."""
+    return _function() is not None
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16 (1 <= M <= MAX_ROWS) @ (int8 weight [N, K] * scales [N] bfloat16).T -> [M, N] bfloat16."""
+    rows, n = x.shape[0], weight.shape[0]
+    if not (1 <= rows <= MAX_ROWS and x.dtype == scales.dtype == torch.bfloat16 and weight.dtype == torch.int8):
+        raise ValueError(f"the int8 kernel takes 1..{MAX_ROWS} bfloat16 rows and int8 weights, "
+                         f"got {rows} {x.dtype} rows and {weight.dtype} weights")
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    status = _function()(x.data_ptr(), rows, x.shape[1], weight.data_ptr(), n, scales.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise MemoryError("the int8 kernel could not allocate its activation buffer")
+    return out
