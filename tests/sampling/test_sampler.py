@@ -216,6 +216,12 @@ def test_a_row_with_no_token_left_is_an_error():
         draw(torch.full((1, 4), float("-inf")), torch.tensor([0.5]))
 
 
+def test_a_greedy_row_with_no_token_left_is_an_error_too():
+    params = SamplingParams(temperature=0)
+    with pytest.raises(ValueError, match="no token left"):
+        sample(Sampler(), torch.full((1, 4), float("-inf")), [params], [[]], [SamplerState.new(params)])
+
+
 def test_inputs_must_have_one_entry_per_row():
     params = SamplingParams()
     with pytest.raises(ValueError, match="2 logit rows need as many params"):

@@ -194,20 +194,32 @@ class Sampler:
         for group in ([r for r in range(num_rows) if uses_top_k[r]], [r for r in range(num_rows) if not uses_top_k[r]]):
             if not group:
                 continue
+            # A group of greedy rows needs no temperature stage and no draw: the best survivor, by argmax
+            # (the first on ties, as the temperature stage picks it), with probability 1.
+            greedy = record is None and all(params[r].is_greedy for r in group)
             final, column_ids = self._run_chain(
                 logits[group], [chain_params[r] for r in group], [histories[r] for r in group],
-                [states[r] for r in group], record or (lambda name, x, column_ids: None))
-            columns = draw(final, torch.tensor([_uniform(states[r].seed, states[r].step, "draw") for r in group],
-                                               dtype=torch.float64))[:, None]  # [G, 1]
+                [states[r] for r in group], record or (lambda name, x, column_ids: None), stop_before_temperature=greedy)
+            if greedy:
+                best = final.max(-1, keepdim=True)  # [G, 1]
+                if not torch.isfinite(best.values).all():
+                    raise ValueError("a row has no token left to sample: every logit is -inf or NaN")
+                columns, probs = best.indices, torch.ones(len(group))
+            else:
+                columns = draw(final, torch.tensor([_uniform(states[r].seed, states[r].step, "draw") for r in group],
+                                                   dtype=torch.float64))[:, None]  # [G, 1]
+                probs = P.probabilities(final).gather(-1, columns).squeeze(-1)
             token_ids[group] = (columns if column_ids is None else column_ids.gather(-1, columns)).squeeze(-1)
-            drawn_probs[group] = P.probabilities(final).gather(-1, columns).squeeze(-1)
+            drawn_probs[group] = probs
         for p, s, prob in zip(params, states, drawn_probs.tolist()):
             s.advance(p, prob)
         return token_ids, drawn_probs
 
     def _run_chain(self, logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]],
-                   states: Sequence[SamplerState], record: Record) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Apply every stage some row uses; returns the final logits and, once narrowed, each column's token id."""
+                   states: Sequence[SamplerState], record: Record, stop_before_temperature: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply every stage some row uses (up to temperature when `stop_before_temperature`); returns the
+        final logits and, once narrowed, each column's token id."""
         vocab_size = logits.shape[-1]
         column_ids = None
 
@@ -259,6 +271,8 @@ class Sampler:
             chance = torch.tensor([_uniform(s.seed, s.step, "xtc") for s in states])
             logits = P.apply_xtc(logits, column("xtc_probability"), column("xtc_threshold"), chance)
             record("xtc", logits, column_ids)
+        if stop_before_temperature:
+            return logits, column_ids
         if any(p.temperature != 1 for p in params):
             logits = P.apply_temperature(logits, column("temperature"))
             record("temperature", logits, column_ids)
