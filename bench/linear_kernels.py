@@ -2,7 +2,8 @@
 
 Usage: python bench/linear_kernels.py [--model qwen|smollm2] [--threads 2] [--repeats 20]
 Prints microseconds per call (median of `repeats`) for float32, bfloat16, int8
-(`_weight_int8pack_mm`, and tunelab's two-level activations through `torch._int_mm`)
+(`_weight_int8pack_mm`, tunelab's two-level activations through `torch._int_mm`, and the same
+arithmetic in tunelab's C kernel for 1..7 rows, "int8 native")
 and int4 (`_weight_int4pack_mm_for_cpu`) at M = 1, 16, 200.
 Compare ratios within one run; the machine is shared and absolute numbers drift.
 """
@@ -16,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tunelab.kernels import int8_linear as native_int8
 from tunelab.weights.quantized import int8_gemm_two_level
 
 SHAPES = {  # name -> (out_features, in_features)
@@ -51,6 +53,7 @@ def kernels(n: int, k: int, group_size: int):
         "int8(bf16 x)": lambda x: torch._weight_int8pack_mm(x.bfloat16(), w_int8, scales.bfloat16()),
         "int8(fp32 x)": lambda x: torch._weight_int8pack_mm(x, w_int8, scales),
         "int8 two-level": lambda x: int8_gemm_two_level(x.bfloat16(), w_int8, scales),
+        "int8 native": lambda x: native_int8.int8_linear(x.bfloat16(), w_int8, scales.bfloat16()),
         "int4(bf16 x)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed4, group_size, scale_zero),
         "int4(fp16 x)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.half(), packed4, group_size, scale_zero.half()),
         "fp16": lambda x: F.linear(x.half(), w_fp16),
@@ -63,14 +66,15 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--batch", default="1,16,200")
+    parser.add_argument("--batch", default="1,4,16,200")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name, (n, k) in SHAPES[args.model].items():
         fns = kernels(n, k, args.group_size)
         for m in map(int, args.batch.split(",")):
             x = torch.randn(m, k)
-            row = {label: median_us(lambda: fn(x), args.repeats if n < 100_000 else 5) for label, fn in fns.items()}
+            row = {label: median_us(lambda: fn(x), args.repeats if n < 100_000 else 5) for label, fn in fns.items()
+                   if label != "int8 native" or (native_int8.available() and m <= native_int8.MAX_ROWS)}
             print(f"{name:8s} {n:6d}x{k:<5d} M={m:<4d} " + "  ".join(f"{label} {us:8.0f}" for label, us in row.items()), flush=True)
 
 

@@ -45,8 +45,8 @@ def _kernel_dir() -> Path:
 
 
 @functools.cache
-def load(name: str, needs: frozenset[str]) -> ctypes.CDLL | None:
-    """The library built from `<name>.c`, or None when it cannot run here (the CPU lacks one of `needs`,
+def load(name: str, needs: frozenset[str], libraries: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The library built from `<name>.c` (linked with `libraries`, e.g. "mvec"), or None when it cannot run here (the CPU lacks one of `needs`,
     there is no compiler, it fails to build, or TUNELAB_NATIVE_KERNELS=0)."""
     flags = cpu_flags()
     if os.environ.get("TUNELAB_NATIVE_KERNELS", "1") == "0" or not needs <= flags:
@@ -56,14 +56,15 @@ def load(name: str, needs: frozenset[str]) -> ctypes.CDLL | None:
         log.info("no C compiler found: the %s kernel is not used", name)
         return None
     source = Path(__file__).with_name(f"{name}.c")
-    identity = "|".join([source.read_text(), *FLAGS, *sorted(flags), torch.__version__])
+    link = [f"-l{library}" for library in libraries]
+    identity = "|".join([source.read_text(), *FLAGS, *link, *sorted(flags), torch.__version__])
     target = _kernel_dir() / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)],
+                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), *link],
                                check=True, capture_output=True, text=True, timeout=300)
                 os.replace(built, target)
         return ctypes.CDLL(str(target))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.kernels import decode_attention as native_attention
 from tunelab.model.attention_batch import AttentionBatch
 from tunelab.model.config import ModelConfig
 from tunelab.model.kv_cache import KVCache
@@ -144,6 +145,14 @@ class Attention(nn.Module):
         num_tokens, num_seqs, max_query = x.shape[0], batch.num_seqs, batch.max_query
         num_qk_heads = self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)  # [T, (H + 2 * KV) * D]
+        if batch.is_decode and native_attention.supports(self.head_dim, qkv.dtype, kv_cache.k.dtype):
+            # One call for everything below, reading keys in place (the same arithmetic, in C).
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm else (None, None, 0.0)
+            out = native_attention.decode_attention(
+                qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, *norms,
+                kv_cache.k[self.layer_index], kv_cache.v[self.layer_index], batch.slot_mapping, batch.key_index,
+                batch.positions)
+            return self.o_proj(out)  # [T, hidden]
         qk = qkv[:, :num_qk_heads * self.head_dim].view(num_tokens, num_qk_heads, self.head_dim)  # [T, H + KV, D]
         v = qkv[:, num_qk_heads * self.head_dim:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         if self.q_norm is not None:

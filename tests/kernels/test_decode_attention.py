@@ -1,0 +1,88 @@
+"""The compiled decode attention computes what the PyTorch path of `Attention.forward` does.
+
+Tiny random Qwen2 (q/k/v biases, GQA) and Qwen3 (per-head q/k RMSNorm) checkpoints in int8, with
+bfloat16 activations and cache as the engine runs them: three sequences of different lengths on
+scattered blocks, prefilled, then decoded together, once through the kernel and once through PyTorch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.kernels import build, decode_attention as native_attention
+from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
+from tunelab.model.kv_cache import KVCache
+from tunelab.weights.loader import load_weights
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif("avx512f" not in build.cpu_flags(), reason="needs AVX-512")
+
+BLOCK = 4
+PROMPTS = {0: [5, 9, 2, 77, 31, 8, 100, 3, 64], 1: [11, 12], 2: list(range(20, 43))}
+TABLES = {0: [7, 2, 9, 4, 11], 1: [0, 13, 5], 2: [1, 3, 6, 8, 10, 12, 14, 15, 16]}
+DECODE = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
+
+
+def tiny_checkpoint(family: str, path):
+    torch.manual_seed(1)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+    if family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, **common))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.normal_(0.5 if "norm" in name else 0.0, 0.5)
+    model.save_pretrained(path)
+    return load_weights(path, "int8")[1]
+
+
+def decode_run(model):
+    """Prefill each prompt alone, then decode all three together; the logits of each decode step and the cache."""
+    config = model.config
+    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    cached, logits = {s: 0 for s in PROMPTS}, []
+    with torch.inference_mode():
+        for s, prompt in PROMPTS.items():
+            model(torch.tensor(prompt), AttentionBatch.build([SequenceSlice(0, len(prompt), TABLES[s])], BLOCK), cache)
+            cached[s] = len(prompt)
+        for tokens in DECODE:
+            batch = AttentionBatch.build([SequenceSlice(cached[s], 1, TABLES[s]) for s in PROMPTS], BLOCK)
+            assert batch.is_decode
+            logits.append(model(torch.tensor(tokens), batch, cache))
+            cached = {s: n + 1 for s, n in cached.items()}
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_kernel_matches_the_pytorch_path(family, tmp_path, monkeypatch):
+    model = tiny_checkpoint(family, tmp_path)
+    assert native_attention.supports(model.config.head_dim, torch.bfloat16, torch.bfloat16)
+    native_logits, native_cache = decode_run(model)
+    monkeypatch.setattr(native_attention, "supports", lambda *args: False)
+    torch_logits, torch_cache = decode_run(model)
+    # The new keys and values land in the same slots with the same values (bfloat16 RoPE, rounded
+    # as PyTorch rounds it; at most a last-bit difference where the fused ops round differently).
+    for native, reference in ((native_cache.k, torch_cache.k), (native_cache.v, torch_cache.v)):
+        torch.testing.assert_close(native.float(), reference.float(), atol=0, rtol=2 ** -7)
+    # Only the float32 summation order differs, then one bfloat16 rounding of the attention output.
+    scale = torch_logits.abs().max().item()
+    torch.testing.assert_close(native_logits, torch_logits, atol=0.01 * scale, rtol=0)
+    assert torch.equal(native_logits.argmax(-1), torch_logits.argmax(-1))
+
+
+def test_a_sequence_decoded_in_a_batch_gets_what_it_gets_alone(tmp_path):
+    """Each (sequence, kv head) is computed on its own: the batch around it changes no bit."""
+    model = tiny_checkpoint("qwen3", tmp_path)
+    together, _ = decode_run(model)
+    config = model.config
+    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    with torch.inference_mode():
+        prompt = PROMPTS[2]
+        model(torch.tensor(prompt), AttentionBatch.build([SequenceSlice(0, len(prompt), TABLES[2])], BLOCK), cache)
+        for i, tokens in enumerate(DECODE):
+            batch = AttentionBatch.build([SequenceSlice(len(prompt) + i, 1, TABLES[2])], BLOCK)
+            assert torch.equal(model(torch.tensor([tokens[2]]), batch, cache)[0], together[i, 2])

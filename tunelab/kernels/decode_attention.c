@@ -1,0 +1,163 @@
+/* One decode step of grouped-query attention for a batch of sequences, straight from the paged KV cache.
+ *
+ * For each sequence s (one new token): split its fused qkv row into heads, apply the optional per-head
+ * RMSNorm (Qwen3's q_norm / k_norm) and RoPE, write the new key and value into the cache at slot[s], then
+ * attend over the sequence's keys, found through key_index[s] (its block table unrolled), and write the
+ * heads' outputs. PyTorch needs ~25 small ops per layer for this (views, norms, rope, the cache write and
+ * gather, two batched matmuls, softmax, dtype conversions); the kernel is one call and copies no keys.
+ *
+ * The arithmetic follows the PyTorch path (model/layers.py): norm and RoPE in float32 rounded to
+ * bfloat16 after each op as the bfloat16 tensors there are; keys and values stored in bfloat16, as the
+ * cache holds them; scores, softmax and the weighted sum in float32; the output rounded to bfloat16. Only summation order differs.
+ */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512F__)
+#error "this kernel needs AVX-512"
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (isnan(f)) return 0x7fc0;
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* One head [d] bfloat16 -> float32 (exact bfloat16 values): optional RMSNorm, then RoPE. */
+static void norm_and_rope(const uint16_t *head, int64_t d, const float *norm_weight, float eps,
+                          const uint16_t *cos, const uint16_t *sin, float *out) { /* out: bfloat16 values */
+    float x[512];
+    for (int64_t i = 0; i < d; i++) x[i] = bf16_to_float(head[i]);
+    if (norm_weight != NULL) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < d; i++) sum += x[i] * x[i];
+        float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        for (int64_t i = 0; i < d; i++) x[i] = round_bf16(x[i] * inv * norm_weight[i]);
+    }
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float rotated = x[(i + half) % d]; /* roll by d / 2; the signs are folded into sin */
+        float a = round_bf16(x[i] * bf16_to_float(cos[i]));
+        out[i] = round_bf16(a + rotated * bf16_to_float(sin[i]));
+    }
+}
+
+/* glibc's vector expf (libmvec, within 4 ulp): sixteen at a time. */
+__m512 _ZGVeN16v_expf(__m512 x);
+
+/* p[j] = exp(p[j] - max p) / sum, for n scores. */
+static void softmax(float *p, int64_t n) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < n; j++) top = fmaxf(top, p[j]);
+    __m512 shift = _mm512_set1_ps(top), sums = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(p + j), shift));
+        _mm512_storeu_ps(p + j, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    if (j < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + j), shift));
+        _mm512_mask_storeu_ps(p + j, tail, e);
+        sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(tail, e));
+    }
+    total = _mm512_reduce_add_ps(sums);
+    __m512 inv = _mm512_set1_ps(total);
+    for (j = 0; j + 16 <= n; j += 16) _mm512_storeu_ps(p + j, _mm512_div_ps(_mm512_loadu_ps(p + j), inv));
+    for (; j < n; j++) p[j] /= total;
+}
+
+static inline __m512 load_bf16(const uint16_t *p) { /* 16 bfloat16 -> float32: the bits, shifted up */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline float dot(const float *a, const uint16_t *b, int64_t d) { /* d % 16 == 0 */
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_bf16(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* qkv [s, (h + 2 kv) d] bfloat16; cos, sin [s, d] bfloat16; q_norm, k_norm [d] float32 or NULL;
+ * k_cache, v_cache [slots, kv, d] bfloat16 (this layer's); slots [s]; key_index [s, max_keys];
+ * positions [s] (sequence s attends to keys 0..positions[s]); out [s, h d] bfloat16.
+ * Returns 0, or -1 for a shape it does not take or a failed allocation. */
+int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t kv, int64_t d,
+                             const uint16_t *cos, const uint16_t *sin, const float *q_norm, const float *k_norm,
+                             float eps, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
+                             const int64_t *key_index, int64_t max_keys, const int64_t *positions, uint16_t *out) {
+    if (d % 16 != 0 || d > 512 || h % kv != 0) return -1;
+    int64_t row = (h + 2 * kv) * d, group = h / kv;
+    float *queries = malloc(sizeof(float) * (size_t)(s * h * d));
+    if (queries == NULL) return -1;
+    const float scale = (float)(1.0 / sqrt((double)d)); /* head_dim ** -0.5, as a float32 scalar */
+
+    for (int64_t i = 0; i < s; i++) {
+        const uint16_t *x = qkv + i * row, *c = cos + i * d, *n = sin + i * d;
+        for (int64_t head = 0; head < h; head++) {
+            float *q = queries + (i * h + head) * d;
+            norm_and_rope(x + head * d, d, q_norm, eps, c, n, q);
+            for (int64_t j = 0; j < d; j++) q[j] *= scale;
+        }
+        for (int64_t head = 0; head < kv; head++) {
+            float key[512];
+            norm_and_rope(x + (h + head) * d, d, k_norm, eps, c, n, key);
+            uint16_t *k_slot = k_cache + (slots[i] * kv + head) * d;
+            for (int64_t j = 0; j < d; j++) k_slot[j] = float_to_bf16(key[j]); /* exact: key holds bfloat16 values */
+            memcpy(v_cache + (slots[i] * kv + head) * d, x + (h + kv + head) * d, sizeof(uint16_t) * (size_t)d);
+        }
+    }
+
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    for (int64_t unit = 0; unit < s * kv; unit++) {
+        int64_t i = unit / kv, head = unit % kv, num_keys = positions[i] + 1;
+        float *scores = malloc(sizeof(float) * (size_t)(group * num_keys));
+        float *acc = malloc(sizeof(float) * (size_t)(group * d));
+        if (scores == NULL || acc == NULL || num_keys > max_keys) {
+            free(scores);
+            free(acc);
+            failed = 1;
+            continue;
+        }
+        const int64_t *keys = key_index + i * max_keys;
+        for (int64_t j = 0; j < num_keys; j++) {
+            const uint16_t *key = k_cache + (keys[j] * kv + head) * d;
+            for (int64_t g = 0; g < group; g++)
+                scores[g * num_keys + j] = dot(queries + (i * h + head * group + g) * d, key, d);
+        }
+        for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
+        memset(acc, 0, sizeof(float) * (size_t)(group * d));
+        for (int64_t j = 0; j < num_keys; j++) {
+            const uint16_t *value = v_cache + (keys[j] * kv + head) * d;
+            for (int64_t g = 0; g < group; g++) {
+                __m512 p = _mm512_set1_ps(scores[g * num_keys + j]);
+                float *a = acc + g * d;
+                for (int64_t t = 0; t < d; t += 16)
+                    _mm512_storeu_ps(a + t, _mm512_fmadd_ps(p, load_bf16(value + t), _mm512_loadu_ps(a + t)));
+            }
+        }
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t t = 0; t < d; t++)
+                out[i * h * d + (head * group + g) * d + t] = float_to_bf16(acc[g * d + t]);
+        free(scores);
+        free(acc);
+    }
+    free(queries);
+    return failed ? -1 : 0;
+}
