@@ -3,6 +3,8 @@
     <root>/models/manifests/<host>/<namespace>/<model>/<tag>   JSON manifest (a list of layers)
     <root>/models/blobs/sha256-<hex>                           content, named by its sha256
     <root>/cache/<key>/                                         model directories assembled from blobs
+    <root>/cache/prepared-<key>/                                quantized loads saved (weights/prepared.py)
+    <root>/cache/kernels/                                       native kernels built for this CPU (kernels/)
 
 A layer is a blob plus an Ollama media type: the weights (one GGUF, or the
 files of a Hugging Face directory, each with its relative name), adapters,
