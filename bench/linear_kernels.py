@@ -3,7 +3,7 @@
 Usage: python bench/linear_kernels.py [--model qwen|smollm2] [--threads 2] [--repeats 20]
 Prints microseconds per call (median of `repeats`) for float32, bfloat16, int8
 (`_weight_int8pack_mm`, tunelab's two-level activations through `torch._int_mm`, and the same
-arithmetic in tunelab's C kernel for 1..7 rows, "int8 native")
+arithmetic in tunelab's C kernel, "int8 native": VNNI for 1..7 rows, AMX beyond where the CPU has it)
 and int4 (`_weight_int4pack_mm_for_cpu`) at M = 1, 16, 200.
 Compare ratios within one run; the machine is shared and absolute numbers drift.
 """
@@ -74,7 +74,7 @@ def main():
         for m in map(int, args.batch.split(",")):
             x = torch.randn(m, k)
             row = {label: median_us(lambda: fn(x), args.repeats if n < 100_000 else 5) for label, fn in fns.items()
-                   if label != "int8 native" or (native_int8.available() and m <= native_int8.MAX_ROWS)}
+                   if label != "int8 native" or native_int8.takes(m)}
             print(f"{name:8s} {n:6d}x{k:<5d} M={m:<4d} " + "  ".join(f"{label} {us:8.0f}" for label, us in row.items()), flush=True)
 
 

@@ -27,6 +27,7 @@
  * over Qwen2.5 0.5B's layers on 2 cores; 12 KiB ahead (tried 256 B..32 KiB) reaches ~24. Prefetching
  * past the end of the weight is harmless (a prefetch never faults). */
 #define PREFETCH_AHEAD 12288
+#define GEMV_MAX_ROWS 7 /* from 8 rows on, the VNNI dot products cost more than reading the weights */
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -43,31 +44,48 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     return (uint16_t)(bits >> 16);
 }
 
-/* One activation row -> its hi and lo int8 rows (zero-padded to `padded`), their sums, and s. */
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) { /* bfloat16 -> float32: bits shifted up */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/* One activation row -> its hi and lo int8 rows (zero-padded to `padded`), their sums, and s.
+ * Sixteen values at a time; every step is one correctly rounded IEEE operation, as in torch. */
 static void split_row(const uint16_t *x, int64_t k, int64_t padded, int8_t *hi, int8_t *lo,
                       int32_t *hi_sum, int32_t *lo_sum, float *scale) {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(bf16_to_float(x[i])));
-    float s = amax / 127.0f;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        __mmask16 mask = k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(load_bf16(x + i, mask)));
+    }
+    float s = _mm512_reduce_max_ps(amax) / 127.0f;
     if (!(s >= 1e-30f)) s = 1e-30f;
-    float step = (1.0f / s) * 254.0f; /* torch's 254 / s is reciprocal(s) * 254 */
-    int32_t hs = 0, ls = 0;
-    for (int64_t i = 0; i < k; i++) {
-        float v = bf16_to_float(x[i]);
-        float h = nearbyintf(v / s);
-        float scaled = h * s;
-        float l = nearbyintf((v - scaled) * step);
-        l = fminf(fmaxf(l, -127.0f), 127.0f);
-        hi[i] = (int8_t)h;
-        lo[i] = (int8_t)l;
-        hs += (int32_t)h;
-        ls += (int32_t)l;
+    const __m512 vs = _mm512_set1_ps(s), step = _mm512_set1_ps((1.0f / s) * 254.0f); /* torch's 254 / s */
+    const __m512 bound = _mm512_set1_ps(127.0f), neg_bound = _mm512_set1_ps(-127.0f);
+    __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; i += 16) {
+        __mmask16 mask = k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
+        __m512 v = load_bf16(x + i, mask);
+        __m512 h = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_mul_ps(h, vs)), step),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        l = _mm512_min_ps(_mm512_max_ps(l, neg_bound), bound);
+        __m512i hi32 = _mm512_maskz_cvtps_epi32(mask, h), lo32 = _mm512_maskz_cvtps_epi32(mask, l);
+        _mm512_mask_cvtepi32_storeu_epi8(hi + i, mask, hi32);
+        _mm512_mask_cvtepi32_storeu_epi8(lo + i, mask, lo32);
+        hs = _mm512_add_epi32(hs, hi32);
+        ls = _mm512_add_epi32(ls, lo32);
     }
     memset(hi + k, 0, padded - k);
     memset(lo + k, 0, padded - k);
-    *hi_sum = hs;
-    *lo_sum = ls;
+    *hi_sum = _mm512_reduce_add_epi32(hs);
+    *lo_sum = _mm512_reduce_add_epi32(ls);
     *scale = s;
+}
+
+/* y[m, n] from the exact sums of its hi and lo rows: the float steps of int8_gemm_two_level, in its order. */
+static inline uint16_t combine(int32_t hi_sum, int32_t lo_sum, float s, uint16_t row_scale) {
+    float v = ((float)hi_sum + (float)lo_sum / 254.0f) * s;
+    return float_to_bf16(v * bf16_to_float(row_scale));
 }
 
 /* Dot NB weight rows (from `w`, row stride k) with R int8 activation rows (row stride `padded`):
@@ -107,38 +125,29 @@ static inline __attribute__((always_inline)) void rows_range(
     for (; j + NB <= n1; j += NB) {
         dot_block(w + j * k, k, act, padded, NB, 2 * M, sums);
         for (int b = 0; b < NB; b++)
-            for (int m = 0; m < M; m++) {
-                float hi = (float)(sums[b * 2 * M + m] - 128 * act_sums[m]);
-                float lo = (float)(sums[b * 2 * M + M + m] - 128 * act_sums[M + m]);
-                float v = (hi + lo / 254.0f) * s[m];
-                y[m * n + j + b] = float_to_bf16(v * bf16_to_float(scales[j + b]));
-            }
+            for (int m = 0; m < M; m++)
+                y[m * n + j + b] = combine(sums[b * 2 * M + m] - 128 * act_sums[m],
+                                           sums[b * 2 * M + M + m] - 128 * act_sums[M + m], s[m], scales[j + b]);
     }
     for (; j < n1; j++) { /* the tail: one weight row at a time */
         dot_block(w + j * k, k, act, padded, 1, 2 * M, sums);
-        for (int m = 0; m < M; m++) {
-            float hi = (float)(sums[m] - 128 * act_sums[m]);
-            float lo = (float)(sums[M + m] - 128 * act_sums[M + m]);
-            float v = (hi + lo / 254.0f) * s[m];
-            y[m * n + j] = float_to_bf16(v * bf16_to_float(scales[j]));
-        }
+        for (int m = 0; m < M; m++)
+            y[m * n + j] = combine(sums[m] - 128 * act_sums[m], sums[M + m] - 128 * act_sums[M + m], s[m], scales[j]);
     }
 }
 
 #define ROWS_CASE(M_, NB_) \
     case M_: rows_range(w, k, n, n0, n1, act, padded, act_sums, s, scales, y, NB_, M_); break;
 
-/* x [m, k] bfloat16, w [n, k] int8, scales [n] bfloat16 -> y [m, n] bfloat16. 1 <= m <= 7.
- * Returns 0, or -1 for a row count it does not take. */
-int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-                        const uint16_t *scales, uint16_t *y) {
-    if (m < 1 || m > 7) return -1;
+/* The few-rows path: one pass over the weights, VNNI dot products for every row at once. */
+static int gemv(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
+                uint16_t *y) {
     int64_t padded = (k + CHUNK - 1) / CHUNK * CHUNK;
     /* rows 0..m-1 are the hi rows, m..2m-1 the lo rows */
     int8_t *act = aligned_alloc(64, (size_t)(2 * m * padded));
     if (act == NULL) return -1;
-    int32_t act_sums[14];
-    float s[7];
+    int32_t act_sums[2 * GEMV_MAX_ROWS];
+    float s[GEMV_MAX_ROWS];
     for (int64_t r = 0; r < m; r++)
         split_row(x + r * k, k, padded, act + r * padded, act + (m + r) * padded, &act_sums[r], &act_sums[m + r], &s[r]);
 
@@ -159,4 +168,190 @@ int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w
     }
     free(act);
     return 0;
+}
+
+#ifdef __AMX_INT8__
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* The many-rows path: AMX tiles. A tile holds 16 rows of 64 bytes; `tdpbssd` adds A [16 x 64] int8
+ * times B [64 x 16] int8 into C [16 x 16] int32, with B stored as 16 rows of (16 columns x 4 bytes).
+ * For each strip of 16 weight rows, the strip is first rearranged into that layout (a 16 x 16
+ * transpose of 4-byte groups per 64 columns), then every 16-row tile of activations runs against it:
+ * the weights are read once whatever the number of rows. */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0..3 accumulate four activation tiles at once, tile 4 holds activations, tile 5 weights (the
+ * intrinsics take tile numbers as literal tokens, so they are written out below). */
+#define C_TILES 4
+#define AMX_MAX_ROWS 128 /* rows per pass: 256 int8 activation rows, 1.2 MiB at K = 4864 */
+
+static int amx_permitted(void) { /* Linux hands out AMX state on request, once per process */
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+/* 16 weight rows (fewer at the end: zeros) x 64 bytes at column c (fewer at the end: zeros) -> B layout. */
+static inline void strip_block(const int8_t *w, int64_t k, int64_t rows, int64_t c, int8_t *out) {
+    __mmask64 mask = k - c >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - c)) - 1);
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) {
+        r[i] = i < rows ? _mm512_maskz_loadu_epi8(mask, w + i * k + c) : _mm512_setzero_si512();
+        _mm_prefetch((const char *)(w + (i + 16) * k + c), _MM_HINT_T0); /* the next strip */
+    }
+    /* Transpose 16 x 16 four-byte groups: out row g = group g of weight rows 0..15. */
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_store_si512((void *)(out + i * 64), r[i]);
+}
+
+/* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
+static inline void combine_16(const int32_t *hi, const int32_t *lo, float s, const uint16_t *scales, uint16_t *y,
+                              int64_t count) {
+    __mmask16 mask = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+    __m512 h = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)hi));
+    __m512 l = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)lo)), _mm512_set1_ps(254.0f));
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(h, l), _mm512_set1_ps(s)), load_bf16(scales, mask));
+    __m512i bits = _mm512_castps_si512(v); /* round to nearest even, as float_to_bf16 */
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm512_mask_cvtepi32_storeu_epi16(y, mask, rounded);
+}
+
+static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
+                    uint16_t *y) {
+    if (!amx_permitted()) return -2;
+    int64_t padded = (k + 63) / 64 * 64, blocks = padded / 64;
+    int64_t act_rows = (2 * m + 15) / 16 * 16, tiles = act_rows / 16; /* hi rows, lo rows, zero rows */
+    int8_t *act = aligned_alloc(64, (size_t)(act_rows * padded));
+    int32_t *act_sums = malloc(sizeof(int32_t) * (size_t)(2 * m));
+    float *s = malloc(sizeof(float) * (size_t)m);
+    if (act == NULL || act_sums == NULL || s == NULL) {
+        free(act);
+        free(act_sums);
+        free(s);
+        return -1;
+    }
+    memset(act + 2 * m * padded, 0, (size_t)((act_rows - 2 * m) * padded));
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < m; r++)
+        split_row(x + r * k, k, padded, act + r * padded, act + (m + r) * padded, &act_sums[r], &act_sums[m + r], &s[r]);
+
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        tile_config config = {.palette = 1};
+        for (int t = 0; t < 6; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+        int8_t *strip = aligned_alloc(64, (size_t)(blocks * 1024));
+        int32_t *sums = aligned_alloc(64, sizeof(int32_t) * (size_t)(act_rows * 16));
+        if (strip == NULL || sums == NULL) failed = 1;
+        else _tile_loadconfig(&config);
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 16) {
+            if (strip == NULL || sums == NULL) continue;
+            int64_t rows = n - n0 < 16 ? n - n0 : 16;
+            for (int64_t b = 0; b < blocks; b++) strip_block(w + n0 * k, k, rows, b * 64, strip + b * 1024);
+            for (int64_t t0 = 0; t0 < tiles; t0 += C_TILES) {
+                int64_t count = tiles - t0 < C_TILES ? tiles - t0 : C_TILES;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t b = 0; b < blocks; b++) {
+                    _tile_loadd(5, strip + b * 1024, 64);
+                    const int8_t *a = act + t0 * 16 * padded + b * 64;
+                    /* tile numbers must be constants */
+                    _tile_loadd(4, a, padded);
+                    _tile_dpbssd(0, 4, 5);
+                    if (count > 1) {
+                        _tile_loadd(4, a + 16 * padded, padded);
+                        _tile_dpbssd(1, 4, 5);
+                    }
+                    if (count > 2) {
+                        _tile_loadd(4, a + 32 * padded, padded);
+                        _tile_dpbssd(2, 4, 5);
+                    }
+                    if (count > 3) {
+                        _tile_loadd(4, a + 48 * padded, padded);
+                        _tile_dpbssd(3, 4, 5);
+                    }
+                }
+                int32_t *out = sums + t0 * 16 * 16;
+                _tile_stored(0, out, 64);
+                if (count > 1) {
+                    _tile_stored(1, out + 256, 64);
+                }
+                if (count > 2) {
+                    _tile_stored(2, out + 512, 64);
+                }
+                if (count > 3) {
+                    _tile_stored(3, out + 768, 64);
+                }
+            }
+            for (int64_t r = 0; r < m; r++)
+                combine_16(sums + r * 16, sums + (m + r) * 16, s[r], scales + n0, y + r * n + n0, rows);
+        }
+        if (strip != NULL && sums != NULL) _tile_release();
+        free(strip);
+        free(sums);
+    }
+    free(act);
+    free(act_sums);
+    free(s);
+    return failed ? -1 : 0;
+}
+#endif
+
+/* 1 when any number of rows runs here (AMX is there and Linux granted it), else 0. */
+int tunelab_int8_linear_any_rows(void) {
+#ifdef __AMX_INT8__
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+/* x [m, k] bfloat16, w [n, k] int8, scales [n] bfloat16 -> y [m, n] bfloat16, for any m >= 1.
+ * Returns 0; -1 when a buffer cannot be allocated; -2 when m > GEMV_MAX_ROWS and AMX is not there. */
+int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
+                        const uint16_t *scales, uint16_t *y) {
+    if (m < 1) return -1;
+    if (m <= GEMV_MAX_ROWS) return gemv(x, m, k, w, n, scales, y);
+#ifdef __AMX_INT8__
+    /* Chunks of rows whose int8 activations stay in L2 while every weight strip passes over them. */
+    for (int64_t r = 0; r < m; r += AMX_MAX_ROWS) {
+        int status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, y + r * n);
+        if (status != 0) return status;
+    }
+    return 0;
+#else
+    return -2;
+#endif
 }

@@ -17,7 +17,7 @@ import torch
 
 from tunelab.kernels import build
 
-MAX_ROWS = 7  # the kernel takes 1..7 activation rows
+GEMV_MAX_ROWS = 7  # up to this many activation rows the kernel runs anywhere it builds; beyond, only with AMX
 _NEEDS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
 
 
@@ -33,16 +33,28 @@ def _function():
     return function
 
 
-def available() -> bool:
-    """Whether the kernel runs here (it is built on the first call)."""
-    return _function() is not None
+@functools.cache
+def max_rows() -> int | None:
+    """How many activation rows the kernel takes here: 0 where it does not run, None for any number."""
+    library = build.load("int8_linear", _NEEDS)
+    if library is None:
+        return 0
+    return None if library.tunelab_int8_linear_any_rows() else GEMV_MAX_ROWS
+
+
+def takes(rows: int) -> bool:
+    """Whether the kernel runs `rows` activation rows here (it is built on the first call)."""
+    limit = max_rows()
+    return limit is None or 1 <= rows <= limit
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bfloat16 (1 <= M <= MAX_ROWS) @ (int8 weight [N, K] * scales [N] bfloat16).T -> [M, N] bfloat16."""
+    """x [M, K] bfloat16 @ (int8 weight [N, K] * scales [N] bfloat16).T -> [M, N] bfloat16, where `takes(M)`."""
     rows, n = x.shape[0], weight.shape[0]
-    if not (1 <= rows <= MAX_ROWS and x.dtype == scales.dtype == torch.bfloat16 and weight.dtype == torch.int8):
-        raise ValueError(f"the int8 kernel takes 1..{MAX_ROWS} bfloat16 rows and int8 weights, "
+    if not (rows >= 1 and takes(rows) and x.dtype == scales.dtype == torch.bfloat16 and weight.dtype == torch.int8):
+        limit = max_rows()
+        takes_rows = "any number of" if limit is None else f"1..{limit}" if limit else "no"
+        raise ValueError(f"the int8 kernel takes {takes_rows} bfloat16 rows and int8 weights here, "
                          f"got {rows} {x.dtype} rows and {weight.dtype} weights")
     x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
     out = torch.empty(rows, n, dtype=torch.bfloat16)
