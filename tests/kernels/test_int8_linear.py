@@ -59,3 +59,29 @@ def test_a_row_alone_equals_the_same_row_in_any_batch():
 def test_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="bfloat16 rows and int8 weights"):
         int8_linear.int8_linear(torch.zeros(2, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, *([12, 40] if HAS_AMX else [])])
+def test_bias_is_added_as_pytorch_adds_it(rows):
+    torch.manual_seed(rows)
+    layer = Int8Linear.from_rows([torch.randn(96, 64)], 96, 64)
+    layer.bias = torch.nn.Parameter(torch.randn(96).bfloat16(), requires_grad=False)
+    x = torch.randn(rows, 64).bfloat16()
+    assert torch.equal(layer(x), int8_gemm_two_level(x, layer.weight, layer.scales) + layer.bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 6, *([9, 130] if HAS_AMX else [])])
+def test_swiglu_input_is_silu_of_gate_times_up(rows):
+    torch.manual_seed(rows)
+    layer = Int8Linear.from_rows([torch.randn(64, 160)], 64, 160)
+    gate_up = (torch.randn(rows, 320) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    product = torch.nn.functional.silu(gate) * up
+    fused = layer.swiglu(gate_up)
+    # The same bfloat16 roundings; glibc's expf and PyTorch's may differ in the last bit of a float,
+    # which can move a rounded product by one bfloat16 step, now and then.
+    expected = layer(product)
+    assert (fused != expected).float().mean() < 0.02
+    torch.testing.assert_close(fused, expected, atol=0.05 * expected.abs().max().item(), rtol=0)

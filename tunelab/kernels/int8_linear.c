@@ -48,6 +48,15 @@ static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) { /* bfloat16 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
+static inline __m512i round_to_bf16(__m512 v) { /* 16 floats -> bfloat16 bits in 32-bit lanes, as float_to_bf16 */
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+
+static inline __m512 bf16_bits_to_float(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
+
 /* One activation row -> its hi and lo int8 rows (zero-padded to `padded`), their sums, and s.
  * Sixteen values at a time; every step is one correctly rounded IEEE operation, as in torch. */
 static void split_row(const uint16_t *x, int64_t k, int64_t padded, int8_t *hi, int8_t *lo,
@@ -83,9 +92,11 @@ static void split_row(const uint16_t *x, int64_t k, int64_t padded, int8_t *hi, 
 }
 
 /* y[m, n] from the exact sums of its hi and lo rows: the float steps of int8_gemm_two_level, in its order. */
-static inline uint16_t combine(int32_t hi_sum, int32_t lo_sum, float s, uint16_t row_scale) {
+static inline uint16_t combine(int32_t hi_sum, int32_t lo_sum, float s, uint16_t row_scale, const uint16_t *bias) {
     float v = ((float)hi_sum + (float)lo_sum / 254.0f) * s;
-    return float_to_bf16(v * bf16_to_float(row_scale));
+    uint16_t y = float_to_bf16(v * bf16_to_float(row_scale));
+    /* torch adds a bias to the bfloat16 output: one more rounding */
+    return bias == NULL ? y : float_to_bf16(bf16_to_float(y) + bf16_to_float(*bias));
 }
 
 /* Dot NB weight rows (from `w`, row stride k) with R int8 activation rows (row stride `padded`):
@@ -118,7 +129,8 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *w, int
 /* Weight rows [n0, n1) for all M activation rows; NB rows of the weight per pass. */
 static inline __attribute__((always_inline)) void rows_range(
         const int8_t *w, int64_t k, int64_t n, int64_t n0, int64_t n1, const int8_t *act, int64_t padded,
-        const int32_t *act_sums, const float *s, const uint16_t *scales, uint16_t *y, int NB, int M) {
+        const int32_t *act_sums, const float *s, const uint16_t *scales, const uint16_t *bias, uint16_t *y, int NB,
+        int M) {
     enum { MAX_R = 14 };
     int32_t sums[4 * MAX_R];
     int64_t j = n0;
@@ -127,21 +139,23 @@ static inline __attribute__((always_inline)) void rows_range(
         for (int b = 0; b < NB; b++)
             for (int m = 0; m < M; m++)
                 y[m * n + j + b] = combine(sums[b * 2 * M + m] - 128 * act_sums[m],
-                                           sums[b * 2 * M + M + m] - 128 * act_sums[M + m], s[m], scales[j + b]);
+                                           sums[b * 2 * M + M + m] - 128 * act_sums[M + m], s[m], scales[j + b],
+                                           bias == NULL ? NULL : bias + j + b);
     }
     for (; j < n1; j++) { /* the tail: one weight row at a time */
         dot_block(w + j * k, k, act, padded, 1, 2 * M, sums);
         for (int m = 0; m < M; m++)
-            y[m * n + j] = combine(sums[m] - 128 * act_sums[m], sums[M + m] - 128 * act_sums[M + m], s[m], scales[j]);
+            y[m * n + j] = combine(sums[m] - 128 * act_sums[m], sums[M + m] - 128 * act_sums[M + m], s[m], scales[j],
+                                   bias == NULL ? NULL : bias + j);
     }
 }
 
 #define ROWS_CASE(M_, NB_) \
-    case M_: rows_range(w, k, n, n0, n1, act, padded, act_sums, s, scales, y, NB_, M_); break;
+    case M_: rows_range(w, k, n, n0, n1, act, padded, act_sums, s, scales, bias, y, NB_, M_); break;
 
 /* The few-rows path: one pass over the weights, VNNI dot products for every row at once. */
 static int gemv(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
-                uint16_t *y) {
+                const uint16_t *bias, uint16_t *y) {
     int64_t padded = (k + CHUNK - 1) / CHUNK * CHUNK;
     /* rows 0..m-1 are the hi rows, m..2m-1 the lo rows */
     int8_t *act = aligned_alloc(64, (size_t)(2 * m * padded));
@@ -232,21 +246,19 @@ static inline void strip_block(const int8_t *w, int64_t k, int64_t rows, int64_t
 }
 
 /* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
-static inline void combine_16(const int32_t *hi, const int32_t *lo, float s, const uint16_t *scales, uint16_t *y,
-                              int64_t count) {
+static inline void combine_16(const int32_t *hi, const int32_t *lo, float s, const uint16_t *scales,
+                              const uint16_t *bias, uint16_t *y, int64_t count) {
     __mmask16 mask = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
     __m512 h = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)hi));
     __m512 l = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)lo)), _mm512_set1_ps(254.0f));
     __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(h, l), _mm512_set1_ps(s)), load_bf16(scales, mask));
-    __m512i bits = _mm512_castps_si512(v); /* round to nearest even, as float_to_bf16 */
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    __m512i rounded = round_to_bf16(v);
+    if (bias != NULL) rounded = round_to_bf16(_mm512_add_ps(bf16_bits_to_float(rounded), load_bf16(bias, mask)));
     _mm512_mask_cvtepi32_storeu_epi16(y, mask, rounded);
 }
 
 static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
-                    uint16_t *y) {
+                    const uint16_t *bias, uint16_t *y) {
     if (!amx_permitted()) return -2;
     int64_t padded = (k + 63) / 64 * 64, blocks = padded / 64;
     int64_t act_rows = (2 * m + 15) / 16 * 16, tiles = act_rows / 16; /* hi rows, lo rows, zero rows */
@@ -316,7 +328,8 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
                 }
             }
             for (int64_t r = 0; r < m; r++)
-                combine_16(sums + r * 16, sums + (m + r) * 16, s[r], scales + n0, y + r * n + n0, rows);
+                combine_16(sums + r * 16, sums + (m + r) * 16, s[r], scales + n0, bias == NULL ? NULL : bias + n0,
+                           y + r * n + n0, rows);
         }
         if (strip != NULL && sums != NULL) _tile_release();
         free(strip);
@@ -338,20 +351,48 @@ int tunelab_int8_linear_any_rows(void) {
 #endif
 }
 
-/* x [m, k] bfloat16, w [n, k] int8, scales [n] bfloat16 -> y [m, n] bfloat16, for any m >= 1.
+/* glibc's vector expf (libmvec, within 4 ulp): sixteen at a time. */
+__m512 _ZGVeN16v_expf(__m512 x);
+
+/* SwiGLU rows: gate_up [m, 2k] bfloat16 -> silu(gate) * up [m, k] bfloat16, rounded after each op as
+ * torch's F.silu(gate) * up is (silu computed in float32 as x / (1 + exp(-x))). */
+static void swiglu_rows(const uint16_t *gate_up, int64_t m, int64_t k, uint16_t *out) {
+#pragma omp parallel for schedule(static) if (m > GEMV_MAX_ROWS)
+    for (int64_t r = 0; r < m; r++) {
+        const uint16_t *gate = gate_up + r * 2 * k, *up = gate + k;
+        for (int64_t i = 0; i < k; i += 16) {
+            __mmask16 mask = k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
+            __m512 g = load_bf16(gate + i, mask);
+            __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            __m512 silu = bf16_bits_to_float(round_to_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
+            _mm512_mask_cvtepi32_storeu_epi16(out + r * k + i, mask,
+                                              round_to_bf16(_mm512_mul_ps(silu, load_bf16(up + i, mask))));
+        }
+    }
+}
+
+/* x [m, k] bfloat16 (or, with `swiglu`, [m, 2k] gate and up halves whose silu(gate) * up is the input),
+ * w [n, k] int8, scales [n] bfloat16, bias [n] bfloat16 or NULL -> y [m, n] bfloat16, for any m >= 1.
  * Returns 0; -1 when a buffer cannot be allocated; -2 when m > GEMV_MAX_ROWS and AMX is not there. */
 int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-                        const uint16_t *scales, uint16_t *y) {
+                        const uint16_t *scales, const uint16_t *bias, int swiglu, uint16_t *y) {
     if (m < 1) return -1;
-    if (m <= GEMV_MAX_ROWS) return gemv(x, m, k, w, n, scales, y);
+#ifndef __AMX_INT8__
+    if (m > GEMV_MAX_ROWS) return -2;
+#endif
+    uint16_t *product = NULL;
+    if (swiglu) {
+        if ((product = malloc(sizeof(uint16_t) * (size_t)(m * k))) == NULL) return -1;
+        swiglu_rows(x, m, k, product);
+        x = product;
+    }
+    int status = 0;
+    if (m <= GEMV_MAX_ROWS) status = gemv(x, m, k, w, n, scales, bias, y);
 #ifdef __AMX_INT8__
     /* Chunks of rows whose int8 activations stay in L2 while every weight strip passes over them. */
-    for (int64_t r = 0; r < m; r += AMX_MAX_ROWS) {
-        int status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, y + r * n);
-        if (status != 0) return status;
-    }
-    return 0;
-#else
-    return -2;
+    for (int64_t r = 0; m > GEMV_MAX_ROWS && r < m && status == 0; r += AMX_MAX_ROWS)
+        status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, bias, y + r * n);
 #endif
+    free(product);
+    return status;
 }

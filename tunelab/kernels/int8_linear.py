@@ -21,22 +21,23 @@ GEMV_MAX_ROWS = 7  # up to this many activation rows the kernel runs anywhere it
 _NEEDS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
 
 
+def _library():
+    return build.load("int8_linear", _NEEDS, libraries=("mvec",))
+
+
 @functools.cache
 def _function():
-    library = build.load("int8_linear", _NEEDS)
-    if library is None:
-        return None
-    function = library.tunelab_int8_linear
+    function = _library().tunelab_int8_linear
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_void_p, ctypes.c_void_p]
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int, pointer]
     return function
 
 
 @functools.cache
 def max_rows() -> int | None:
     """How many activation rows the kernel takes here: 0 where it does not run, None for any number."""
-    library = build.load("int8_linear", _NEEDS)
+    library = _library()
     if library is None:
         return 0
     return None if library.tunelab_int8_linear_any_rows() else GEMV_MAX_ROWS
@@ -48,17 +49,26 @@ def takes(rows: int) -> bool:
     return limit is None or 1 <= rows <= limit
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bfloat16 @ (int8 weight [N, K] * scales [N] bfloat16).T -> [M, N] bfloat16, where `takes(M)`."""
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                swiglu: bool = False) -> torch.Tensor:
+    """x [M, K] bfloat16 @ (int8 weight [N, K] * scales [N] bfloat16).T (+ bias [N] bfloat16) -> [M, N] bfloat16,
+    where `takes(M)`. With `swiglu`, x is [M, 2K], the gate and up projections side by side, and the
+    input is silu(gate) * up, computed as PyTorch's bfloat16 ops compute it."""
     rows, n = x.shape[0], weight.shape[0]
-    if not (rows >= 1 and takes(rows) and x.dtype == scales.dtype == torch.bfloat16 and weight.dtype == torch.int8):
+    dtypes = {x.dtype, scales.dtype} | ({bias.dtype} if bias is not None else set())
+    if not (rows >= 1 and takes(rows) and dtypes == {torch.bfloat16} and weight.dtype == torch.int8):
         limit = max_rows()
         takes_rows = "any number of" if limit is None else f"1..{limit}" if limit else "no"
         raise ValueError(f"the int8 kernel takes {takes_rows} bfloat16 rows and int8 weights here, "
                          f"got {rows} {x.dtype} rows and {weight.dtype} weights")
+    k = weight.shape[1]
+    if x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(f"the int8 kernel needs {'2 x ' if swiglu else ''}{k} input columns, got {x.shape[1]}")
     x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    bias = None if bias is None else bias.contiguous()
     out = torch.empty(rows, n, dtype=torch.bfloat16)
-    status = _function()(x.data_ptr(), rows, x.shape[1], weight.data_ptr(), n, scales.data_ptr(), out.data_ptr())
+    status = _function()(x.data_ptr(), rows, k, weight.data_ptr(), n, scales.data_ptr(),
+                         None if bias is None else bias.data_ptr(), int(swiglu), out.data_ptr())
     if status != 0:
-        raise MemoryError("the int8 kernel could not allocate its activation buffer")
+        raise MemoryError("the int8 kernel could not allocate its buffers")
     return out

@@ -287,9 +287,30 @@ class Int8Linear(QuantizedLinear):
         self.weight[start:start + len(rows)] = codes
         self.scales[start:start + len(rows)] = scales
 
+    def runs_native(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether tunelab's kernel takes `rows` activation rows of `dtype` (with this layer's bias) here."""
+        return (dtype == self.scales.dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == dtype)
+                and native_int8.takes(rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if not self.runs_native(len(flat), x.dtype):
+            return super().forward(x)
+        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias)  # the bias added in the kernel
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """This layer applied to silu(gate) * up, from gate_up [..., 2 * in_features], in one kernel call;
+        None where the kernel does not run (the caller computes the product itself)."""
+        flat = gate_up.reshape(-1, 2 * self.in_features)
+        if not self.runs_native(len(flat), gate_up.dtype):
+            return None
+        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, swiglu=True)
+        return out.view(*gate_up.shape[:-1], self.out_features)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if x.dtype == self.scales.dtype == torch.bfloat16 and native_int8.takes(rows):
+        if self.runs_native(rows, x.dtype):
             # tunelab's kernel: the arithmetic of int8_gemm_two_level, so every row gets the same bits
             # whatever the number of rows, and 2-8x faster than the PyTorch kernels below.
             return native_int8.int8_linear(x, self.weight, self.scales)
