@@ -200,9 +200,6 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Tiles 0..3 accumulate four activation tiles at once, tile 4 holds activations, tile 5 weights (the
- * intrinsics take tile numbers as literal tokens, so they are written out below). */
-#define C_TILES 4
 #define AMX_MAX_ROWS 128 /* rows per pass: 256 int8 activation rows, 1.2 MiB at K = 4864 */
 
 static int amx_permitted(void) { /* Linux hands out AMX state on request, once per process */
@@ -280,56 +277,56 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
 #pragma omp parallel reduction(| : failed)
     {
         tile_config config = {.palette = 1};
-        for (int t = 0; t < 6; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-        int8_t *strip = aligned_alloc(64, (size_t)(blocks * 1024));
-        int32_t *sums = aligned_alloc(64, sizeof(int32_t) * (size_t)(act_rows * 16));
+        for (int t = 0; t < 8; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+        int8_t *strip = aligned_alloc(64, (size_t)(blocks * 2048)); /* two strips, interleaved by k block */
+        int32_t *sums = aligned_alloc(64, sizeof(int32_t) * (size_t)(2 * act_rows * 16));
         if (strip == NULL || sums == NULL) failed = 1;
         else _tile_loadconfig(&config);
 #pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < n; n0 += 16) {
+        for (int64_t n0 = 0; n0 < n; n0 += 32) {
             if (strip == NULL || sums == NULL) continue;
-            int64_t rows = n - n0 < 16 ? n - n0 : 16;
-            for (int64_t b = 0; b < blocks; b++) strip_block(w + n0 * k, k, rows, b * 64, strip + b * 1024);
-            for (int64_t t0 = 0; t0 < tiles; t0 += C_TILES) {
-                int64_t count = tiles - t0 < C_TILES ? tiles - t0 : C_TILES;
+            /* Two strips of 16 weight rows (the second maybe short or empty): four independent
+             * accumulations per activation-tile pair keep the tile unit busy. */
+            int64_t rows[2] = {n - n0 < 16 ? n - n0 : 16, n - n0 - 16 < 0 ? 0 : n - n0 - 16 < 16 ? n - n0 - 16 : 16};
+            for (int64_t b = 0; b < blocks; b++) {
+                strip_block(w + n0 * k, k, rows[0], b * 64, strip + b * 2048);
+                strip_block(w + (n0 + 16) * k, k, rows[1], b * 64, strip + b * 2048 + 1024);
+            }
+            int32_t *sums_a = sums, *sums_b = sums + act_rows * 16;
+            for (int64_t t0 = 0; t0 < tiles; t0 += 2) {
+                int two = tiles - t0 > 1;
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
+                /* tile numbers must be literal: 0, 1 accumulate strip a, 2, 3 strip b; 4, 7 activations; 5, 6 weights */
                 for (int64_t b = 0; b < blocks; b++) {
-                    _tile_loadd(5, strip + b * 1024, 64);
                     const int8_t *a = act + t0 * 16 * padded + b * 64;
-                    /* tile numbers must be constants */
+                    _tile_loadd(5, strip + b * 2048, 64);
+                    _tile_loadd(6, strip + b * 2048 + 1024, 64);
                     _tile_loadd(4, a, padded);
                     _tile_dpbssd(0, 4, 5);
-                    if (count > 1) {
-                        _tile_loadd(4, a + 16 * padded, padded);
-                        _tile_dpbssd(1, 4, 5);
-                    }
-                    if (count > 2) {
-                        _tile_loadd(4, a + 32 * padded, padded);
-                        _tile_dpbssd(2, 4, 5);
-                    }
-                    if (count > 3) {
-                        _tile_loadd(4, a + 48 * padded, padded);
-                        _tile_dpbssd(3, 4, 5);
+                    _tile_dpbssd(2, 4, 6);
+                    if (two) {
+                        _tile_loadd(7, a + 16 * padded, padded);
+                        _tile_dpbssd(1, 7, 5);
+                        _tile_dpbssd(3, 7, 6);
                     }
                 }
-                int32_t *out = sums + t0 * 16 * 16;
-                _tile_stored(0, out, 64);
-                if (count > 1) {
-                    _tile_stored(1, out + 256, 64);
-                }
-                if (count > 2) {
-                    _tile_stored(2, out + 512, 64);
-                }
-                if (count > 3) {
-                    _tile_stored(3, out + 768, 64);
+                _tile_stored(0, sums_a + t0 * 256, 64);
+                _tile_stored(2, sums_b + t0 * 256, 64);
+                if (two) {
+                    _tile_stored(1, sums_a + (t0 + 1) * 256, 64);
+                    _tile_stored(3, sums_b + (t0 + 1) * 256, 64);
                 }
             }
-            for (int64_t r = 0; r < m; r++)
-                combine_16(sums + r * 16, sums + (m + r) * 16, s[r], scales + n0, bias == NULL ? NULL : bias + n0,
-                           y + r * n + n0, rows);
+            for (int half = 0; half < 2; half++) {
+                const int32_t *out = half ? sums_b : sums_a;
+                int64_t c0 = n0 + 16 * half;
+                for (int64_t r = 0; r < m && rows[half] > 0; r++)
+                    combine_16(out + r * 16, out + (m + r) * 16, s[r], scales + c0, bias == NULL ? NULL : bias + c0,
+                               y + r * n + c0, rows[half]);
+            }
         }
         if (strip != NULL && sums != NULL) _tile_release();
         free(strip);
