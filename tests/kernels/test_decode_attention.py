@@ -86,3 +86,16 @@ def test_a_sequence_decoded_in_a_batch_gets_what_it_gets_alone(tmp_path):
         for i, tokens in enumerate(DECODE):
             batch = AttentionBatch.build([SequenceSlice(len(prompt) + i, 1, TABLES[2])], BLOCK)
             assert torch.equal(model(torch.tensor([tokens[2]]), batch, cache)[0], together[i, 2])
+
+
+def test_a_slot_outside_the_cache_is_refused_not_written():
+    cache = torch.zeros(8, 1, 16, dtype=torch.bfloat16)
+    qkv = torch.randn(1, 3 * 16).bfloat16()
+    cos, sin = torch.ones(1, 16).bfloat16(), torch.zeros(1, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="refused its input"):
+        native_attention.decode_attention(qkv, 1, 1, 16, cos, sin, None, None, 0.0, cache, cache.clone(),
+                                          torch.tensor([8]), torch.arange(9)[None], torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="refused its input"):  # a key slot past the end
+        native_attention.decode_attention(qkv, 1, 1, 16, cos, sin, None, None, 0.0, cache, cache.clone(),
+                                          torch.tensor([2]), torch.tensor([[0, 1, 2, 99]]), torch.tensor([3]))
+    assert not cache.any()

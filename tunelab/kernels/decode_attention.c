@@ -87,21 +87,60 @@ static inline __m512 load_bf16(const uint16_t *p) { /* 16 bfloat16 -> float32: t
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-static inline float dot(const float *a, const uint16_t *b, int64_t d) { /* d % 16 == 0 */
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_bf16(b + i), acc);
-    return _mm512_reduce_add_ps(acc);
+/* out[j] = the sum of v[j]'s 16 lanes, for 16 vectors at once: pairwise adds and shuffles instead of
+ * 16 horizontal reductions. */
+static inline __m512 sum_each(const __m512 v[16]) {
+    __m512 a[8], c[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [p0+p2, q0+q2, p1+p3, q1+q3] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per lane: the lane's sums of four vectors */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xee));
+    __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xdd));
+}
+
+/* acc[g] = sum_j p[g][j] * value_j for the `group` query heads of one KV head; the values have
+ * `chunks` x 16 dims. Heads go four or two at a time with their sums in registers (for 64 and 128 dims,
+ * where `chunks` is a constant after inlining), each value row read once per pass. */
+static inline __attribute__((always_inline)) void weighted_sum(
+        const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache, int64_t kv, int64_t head,
+        int64_t group, int64_t chunks, float *acc) {
+    const int64_t step = chunks <= 4 ? 4 : chunks <= 8 ? 2 : 1; /* heads per pass: at most 16 accumulators */
+    for (int64_t g0 = 0; g0 < group; g0 += step) {
+        int64_t heads = group - g0 < step ? group - g0 : step;
+        __m512 sums[16];
+        for (int64_t i = 0; i < 16; i++) sums[i] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < num_keys; j++) {
+            const uint16_t *value = v_cache + (keys[j] * kv + head) * chunks * 16;
+            for (int64_t t = 0; t < chunks && t < 16; t++) {
+                __m512 v = load_bf16(value + t * 16);
+                for (int64_t g = 0; g < heads; g++)
+                    sums[g * chunks + t] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g0 + g) * num_keys + j]), v, sums[g * chunks + t]);
+            }
+        }
+        for (int64_t g = 0; g < heads; g++)
+            for (int64_t t = 0; t < chunks; t++) _mm512_storeu_ps(acc + (g0 + g) * chunks * 16 + t * 16, sums[g * chunks + t]);
+    }
 }
 
 /* qkv [s, (h + 2 kv) d] bfloat16; cos, sin [s, d] bfloat16; q_norm, k_norm [d] float32 or NULL;
  * k_cache, v_cache [slots, kv, d] bfloat16 (this layer's); slots [s]; key_index [s, max_keys];
- * positions [s] (sequence s attends to keys 0..positions[s]); out [s, h d] bfloat16.
+ * positions [s] (sequence s attends to keys 0..positions[s]); num_slots: the cache's; out [s, h d] bfloat16.
  * Returns 0, or -1 for a shape it does not take or a failed allocation. */
 int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t kv, int64_t d,
                              const uint16_t *cos, const uint16_t *sin, const float *q_norm, const float *k_norm,
                              float eps, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
-                             const int64_t *key_index, int64_t max_keys, const int64_t *positions, uint16_t *out) {
-    if (d % 16 != 0 || d > 512 || h % kv != 0) return -1;
+                             const int64_t *key_index, int64_t max_keys, const int64_t *positions,
+                             int64_t num_slots, uint16_t *out) {
+    if (d % 16 != 0 || d > 256 || h % kv != 0) return -1;
+    for (int64_t i = 0; i < s; i++) { /* a slot outside the cache would write or read out of bounds: check first */
+        if (slots[i] < 0 || slots[i] >= num_slots || positions[i] < 0 || positions[i] >= max_keys) return -1;
+        for (int64_t j = 0; j <= positions[i]; j++)
+            if (key_index[i * max_keys + j] < 0 || key_index[i * max_keys + j] >= num_slots) return -1;
+    }
     int64_t row = (h + 2 * kv) * d, group = h / kv;
     float *queries = malloc(sizeof(float) * (size_t)(s * h * d));
     if (queries == NULL) return -1;
@@ -129,29 +168,35 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
         int64_t i = unit / kv, head = unit % kv, num_keys = positions[i] + 1;
         float *scores = malloc(sizeof(float) * (size_t)(group * num_keys));
         float *acc = malloc(sizeof(float) * (size_t)(group * d));
-        if (scores == NULL || acc == NULL || num_keys > max_keys) {
+        if (scores == NULL || acc == NULL) {
             free(scores);
             free(acc);
             failed = 1;
             continue;
         }
         const int64_t *keys = key_index + i * max_keys;
-        for (int64_t j = 0; j < num_keys; j++) {
-            const uint16_t *key = k_cache + (keys[j] * kv + head) * d;
-            for (int64_t g = 0; g < group; g++)
-                scores[g * num_keys + j] = dot(queries + (i * h + head * group + g) * d, key, d);
-        }
-        for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
-        memset(acc, 0, sizeof(float) * (size_t)(group * d));
-        for (int64_t j = 0; j < num_keys; j++) {
-            const uint16_t *value = v_cache + (keys[j] * kv + head) * d;
+        float block[16 * 256]; /* 16 keys in float32 */
+        for (int64_t j0 = 0; j0 < num_keys; j0 += 16) {
+            int64_t count = num_keys - j0 < 16 ? num_keys - j0 : 16;
+            for (int64_t j = 0; j < 16; j++) { /* past the end: repeat the last key; its scores are not stored */
+                const uint16_t *key = k_cache + (keys[j0 + (j < count ? j : count - 1)] * kv + head) * d;
+                for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(block + j * d + t, load_bf16(key + t));
+            }
             for (int64_t g = 0; g < group; g++) {
-                __m512 p = _mm512_set1_ps(scores[g * num_keys + j]);
-                float *a = acc + g * d;
-                for (int64_t t = 0; t < d; t += 16)
-                    _mm512_storeu_ps(a + t, _mm512_fmadd_ps(p, load_bf16(value + t), _mm512_loadu_ps(a + t)));
+                const float *q = queries + (i * h + head * group + g) * d;
+                __m512 partial[16];
+                for (int j = 0; j < 16; j++) {
+                    partial[j] = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(block + j * d));
+                    for (int64_t t = 16; t < d; t += 16)
+                        partial[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + t), _mm512_loadu_ps(block + j * d + t), partial[j]);
+                }
+                _mm512_mask_storeu_ps(scores + g * num_keys + j0, (__mmask16)((1u << count) - 1), sum_each(partial));
             }
         }
+        for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
+        if (d == 64) weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, 4, acc);
+        else if (d == 128) weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, 8, acc);
+        else weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, d / 16, acc);
         for (int64_t g = 0; g < group; g++)
             for (int64_t t = 0; t < d; t++)
                 out[i * h * d + (head * group + g) * d + t] = float_to_bf16(acc[g * d + t]);

@@ -27,13 +27,13 @@ def _function():
     function.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer, size, size, size, size, pointer, pointer, pointer, pointer, ctypes.c_float,
-                         pointer, pointer, pointer, pointer, size, pointer, pointer]
+                         pointer, pointer, pointer, pointer, size, pointer, size, pointer]
     return function
 
 
 def supports(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
     """Whether the kernel runs here and takes this layer's shapes and dtypes."""
-    return (head_dim % 16 == 0 and head_dim <= 512 and dtype == torch.bfloat16 and cache_dtype == torch.bfloat16
+    return (head_dim % 16 == 0 and head_dim <= 256 and dtype == torch.bfloat16 and cache_dtype == torch.bfloat16
             and _function() is not None)
 
 
@@ -56,7 +56,7 @@ def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_
     status = _function()(
         qkv.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
         *(None if w is None else w.data_ptr() for w in norms), eps, k_cache.data_ptr(), v_cache.data_ptr(),
-        slots.data_ptr(), key_index.data_ptr(), key_index.shape[1], positions.data_ptr(), out.data_ptr())
+        slots.data_ptr(), key_index.data_ptr(), key_index.shape[1], positions.data_ptr(), k_cache.shape[0], out.data_ptr())
     if status != 0:
         raise RuntimeError(f"the decode attention kernel refused its input ({num_seqs} sequences, "
                            f"{num_heads}/{num_kv_heads} heads of {head_dim}, {key_index.shape[1]} keys)")
