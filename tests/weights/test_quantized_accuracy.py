@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tunelab.kernels import int8_linear as native_int8
 from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
 from tunelab.model.kv_cache import KVCache
 from tunelab.tokenizer import Tokenizer
@@ -78,7 +79,10 @@ def test_int8_stays_close_to_float32(reference):
     kl, top1 = divergence(expected, next_token_logits(load_weights(path, "int8")[1], ids))
     print(f"\n{path.name[:16]} int8: mean KL {kl:.4f}, top-1 agreement {top1:.1%}")
     assert kl < 0.01
-    assert top1 >= 0.95
+    # With tunelab's int8 kernel every row takes the two-level integer path (finer than bfloat16
+    # activations): Qwen2.5 0.5B agrees on 97.3% of argmaxes. PyTorch's kernels alone run prefill
+    # through a bfloat16 GEMM: 96.1% there, where bfloat16 activations by themselves agree on ~97%.
+    assert top1 >= (0.97 if native_int8.max_rows() is None else 0.95)
 
 
 def test_int4_stays_a_usable_model(reference):
