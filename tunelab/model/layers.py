@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.kernels import decode_attention as native_attention
+from tunelab.kernels import rms_norm as native_norm
 from tunelab.model.attention_batch import AttentionBatch
 from tunelab.model.config import ModelConfig
 from tunelab.model.kv_cache import KVCache
@@ -36,9 +37,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise over the last dim and scale, in one kernel (it accumulates in fp32 for 16-bit x)."""
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalise over the last dim and scale (accumulating in fp32 for 16-bit x).
+
+        With `residual`, first add x to it, as the residual stream between two layers does, and
+        return (normed, residual + x): for bfloat16 rows on a float32 stream (see `residual_stream`)
+        one native call instead of two PyTorch ops.
+        """
+        if residual is None:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if native_norm.supports(x.dtype) and self.weight.dtype == x.dtype and residual.dtype == torch.float32:
+            return native_norm.add_rms_norm(x, residual, self.weight, self.eps)
+        total = residual + x
+        return F.rms_norm(total, (x.shape[-1],), self.weight, self.eps), total
+
+
+def residual_stream(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream starting from embeddings x: float32 for bfloat16 x where the fused norm runs,
+    so the 2N additions along it are not each rounded to bfloat16 (llama.cpp keeps it in float32 too)."""
+    return x.float() if native_norm.supports(x.dtype) else x
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -14,7 +14,7 @@ from torch import nn
 from tunelab.model.attention_batch import AttentionBatch
 from tunelab.model.config import ModelConfig
 from tunelab.model.kv_cache import KVCache
-from tunelab.model.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from tunelab.model.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, residual_stream
 from tunelab.model.moe import SparseMoE
 
 
@@ -31,11 +31,20 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                batch: AttentionBatch, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) [T, hidden] each -> this layer's output and the residual stream before it.
+
+        The residual add is left to the next norm, which fuses it (vLLM passes the residual the same
+        way); the first layer gets residual None and x as the stream itself.
+        """
+        if residual is None:
+            residual, x = residual_stream(x), self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, batch, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
@@ -62,7 +71,9 @@ class Transformer(nn.Module):
         """Run the new tokens input_ids [T] of a ragged batch; float32 logits [len(batch.logits_indices), vocab]."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary(batch.positions, x.dtype)  # [T, 1, head_dim] each, shared by all layers
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, kv_cache)
-        x = self.model.norm(x[batch.logits_indices])  # [R, hidden]
+            x, residual = layer(x, residual, cos, sin, batch, kv_cache)
+        rows = batch.logits_indices
+        x = self.model.norm(x[rows], residual[rows])[0] if residual is not None else self.model.norm(x[rows])  # [R, hidden]
         return self.lm_head(x).float()  # [R, vocab]
