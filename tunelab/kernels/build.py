@@ -1,8 +1,8 @@
 """Compile a kernel's C file into a shared library once per source, CPU and torch version, and load it.
 
 The library is built with the system C compiler for this CPU (`-march=native`) into
-`$TUNELAB_HOME/cache/kernels/`, named by a hash of the source, the flags, the CPU's feature
-flags and torch's version, and written under a temporary name first, so a half-built library is
+`$TUNELAB_HOME/cache/kernels/`, named by a hash of the source and the headers beside it, the
+flags, the CPU's feature flags and torch's version, and written under a temporary name first, so a half-built library is
 never loaded. It links against the OpenMP runtime torch itself loaded (same `libgomp.so.1`), so
 kernels and torch share one thread pool instead of two pools fighting over the cores.
 """
@@ -57,7 +57,8 @@ def load(name: str, needs: frozenset[str], libraries: tuple[str, ...] = ()) -> c
         return None
     source = Path(__file__).with_name(f"{name}.c")
     link = [f"-l{library}" for library in libraries]
-    identity = "|".join([source.read_text(), *FLAGS, *link, *sorted(flags), torch.__version__])
+    headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]
+    identity = "|".join([source.read_text(), *headers, *FLAGS, *link, *sorted(flags), torch.__version__])
     target = _kernel_dir() / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     try:
         if not target.exists():

@@ -21,22 +21,7 @@
 #error "this kernel needs AVX-512"
 #endif
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if (isnan(f)) return 0x7fc0;
-    bits += 0x7fff + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+#include "bfloat16.h"
 
 /* One head [d] bfloat16 -> float32 (exact bfloat16 values): optional RMSNorm, then RoPE. */
 static void norm_and_rope(const uint16_t *head, int64_t d, const float *norm_weight, float eps,
@@ -83,10 +68,6 @@ static void softmax(float *p, int64_t n) {
     for (; j < n; j++) p[j] /= total;
 }
 
-static inline __m512 load_bf16(const uint16_t *p) { /* 16 bfloat16 -> float32: the bits, shifted up */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* out[j] = the sum of v[j]'s 16 lanes, for 16 vectors at once: pairwise adds and shuffles instead of
  * 16 horizontal reductions. */
 static inline __m512 sum_each(const __m512 v[16]) {
@@ -116,7 +97,7 @@ static inline __attribute__((always_inline)) void weighted_sum(
         for (int64_t j = 0; j < num_keys; j++) {
             const uint16_t *value = v_cache + (keys[j] * kv + head) * chunks * 16;
             for (int64_t t = 0; t < chunks && t < 16; t++) {
-                __m512 v = load_bf16(value + t * 16);
+                __m512 v = load_bf16(value + t * 16, 0xffff);
                 for (int64_t g = 0; g < heads; g++)
                     sums[g * chunks + t] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g0 + g) * num_keys + j]), v, sums[g * chunks + t]);
             }
@@ -180,7 +161,7 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
             int64_t count = num_keys - j0 < 16 ? num_keys - j0 : 16;
             for (int64_t j = 0; j < 16; j++) { /* past the end: repeat the last key; its scores are not stored */
                 const uint16_t *key = k_cache + (keys[j0 + (j < count ? j : count - 1)] * kv + head) * d;
-                for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(block + j * d + t, load_bf16(key + t));
+                for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(block + j * d + t, load_bf16(key + t, 0xffff));
             }
             for (int64_t g = 0; g < group; g++) {
                 const float *q = queries + (i * h + head * group + g) * d;

@@ -22,40 +22,14 @@
 #error "this kernel needs AVX-512 with VNNI"
 #endif
 
+#include "bfloat16.h"
+
 #define CHUNK 64 /* bytes of K per vpdpbusd */
 /* How far ahead of each weight row's reads to prefetch: the hardware prefetcher alone reaches ~18 GB/s
  * over Qwen2.5 0.5B's layers on 2 cores; 12 KiB ahead (tried 256 B..32 KiB) reaches ~24. Prefetching
  * past the end of the weight is harmless (a prefetch never faults). */
 #define PREFETCH_AHEAD 12288
 #define GEMV_MAX_ROWS 7 /* from 8 rows on, the VNNI dot products cost more than reading the weights */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if (isnan(f)) return 0x7fc0;
-    bits += 0x7fff + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) { /* bfloat16 -> float32: bits shifted up */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
-static inline __m512i round_to_bf16(__m512 v) { /* 16 floats -> bfloat16 bits in 32-bit lanes, as float_to_bf16 */
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
-
-static inline __m512 bf16_bits_to_float(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
 
 /* One activation row -> its hi and lo int8 rows (zero-padded to `padded`), their sums, and s.
  * Sixteen values at a time; every step is one correctly rounded IEEE operation, as in torch. */

@@ -14,16 +14,7 @@
 #error "this kernel needs AVX-512"
 #endif
 
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) { /* bfloat16 -> float32: bits shifted up */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
-static inline __m512i round_to_bf16(__m512 v) { /* round to nearest even, as torch's .to(bfloat16) */
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
+#include "bfloat16.h"
 
 /* x [t, d] bfloat16; residual, total (= residual + x) [t, d] float32; weight [d] bfloat16; out [t, d] bfloat16. */
 void tunelab_add_rms_norm(const uint16_t *x, const float *residual, float *total, int64_t t, int64_t d,
