@@ -85,3 +85,28 @@ def test_swiglu_input_is_silu_of_gate_times_up(rows):
     expected = layer(product)
     assert (fused != expected).float().mean() < 0.02
     torch.testing.assert_close(fused, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="weights are packed only where AMX runs every row count")
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 16, 31, 130])
+def test_packed_weights_give_the_same_bits(rows):
+    torch.manual_seed(rows)
+    layer = Int8Linear.from_rows([torch.randn(48, 192)], 48, 192)  # three strips: an odd last pair
+    layer.bias = torch.nn.Parameter(torch.randn(48).bfloat16(), requires_grad=False)
+    x = torch.randn(rows, 192).bfloat16()
+    gate_up = torch.randn(rows, 384).bfloat16()
+    plain, plain_swiglu = layer(x), layer.swiglu(gate_up)
+    plain_weight = layer.weight.clone()
+    layer.pack()
+    assert layer.packed and not torch.equal(layer.weight, plain_weight)
+    assert torch.equal(layer(x), plain)
+    assert torch.equal(layer.swiglu(gate_up), plain_swiglu)
+    with pytest.raises(RuntimeError, match="packed"):
+        layer.store_rows(0, torch.randn(16, 192))
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="weights are packed only where AMX runs every row count")
+def test_shapes_that_do_not_fill_tiles_stay_plain():
+    layer = Int8Linear.from_rows([torch.randn(40, 96)], 40, 96)
+    layer.pack()
+    assert not layer.packed

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 #include <string.h>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
@@ -158,32 +159,31 @@ static int gemv(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_
     return 0;
 }
 
-#ifdef __AMX_INT8__
-#include <sys/syscall.h>
-#include <unistd.h>
-
-/* The many-rows path: AMX tiles. A tile holds 16 rows of 64 bytes; `tdpbssd` adds A [16 x 64] int8
- * times B [64 x 16] int8 into C [16 x 16] int32, with B stored as 16 rows of (16 columns x 4 bytes).
- * For each strip of 16 weight rows, the strip is first rearranged into that layout (a 16 x 16
- * transpose of 4-byte groups per 64 columns), then every 16-row tile of activations runs against it:
- * the weights are read once whatever the number of rows. */
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} tile_config;
-
-#define AMX_MAX_ROWS 128 /* rows per pass: 256 int8 activation rows, 1.2 MiB at K = 4864 */
-
-static int amx_permitted(void) { /* Linux hands out AMX state on request, once per process */
-    static int state = 0;
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
-    return state == 1;
+static inline void combine_16v(__m512i hi, __m512i lo, float s, const uint16_t *scales, const uint16_t *bias,
+                               uint16_t *y, int64_t count) {
+    __mmask16 mask = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+    __m512 l = _mm512_div_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(254.0f));
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(hi), l), _mm512_set1_ps(s)),
+                             load_bf16(scales, mask));
+    __m512i rounded = round_to_bf16(v);
+    if (bias != NULL) rounded = round_to_bf16(_mm512_add_ps(bf16_bits_to_float(rounded), load_bf16(bias, mask)));
+    _mm512_mask_cvtepi32_storeu_epi16(y, mask, rounded);
 }
 
-/* 16 weight rows (fewer at the end: zeros) x 64 bytes at column c (fewer at the end: zeros) -> B layout. */
+/* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
+static inline void combine_16(const int32_t *hi, const int32_t *lo, float s, const uint16_t *scales,
+                              const uint16_t *bias, uint16_t *y, int64_t count) {
+    combine_16v(_mm512_loadu_si512((const void *)hi), _mm512_loadu_si512((const void *)lo), s, scales, bias, y, count);
+}
+
+/* The packed layout: for each strip of 16 weight rows and each 64 columns, 1 KiB holding 16 rows of
+ * (16 weight rows x 4 bytes): byte [kk][c][j] = w[16 strip + c][64 block + 4 kk + j], which is the AMX
+ * B-tile layout. Both paths then read it as stored: AMX loads tiles directly, and the few-rows path
+ * gets 16 output columns per vpdpbusd (with the activations' four bytes broadcast), no reductions. */
+
+/* One 16-row strip [16 x 64] of a plain weight (fewer rows at the end: zeros) -> that layout. */
 static inline void strip_block(const int8_t *w, int64_t k, int64_t rows, int64_t c, int8_t *out) {
+
     __mmask64 mask = k - c >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - c)) - 1);
     __m512i r[16], t[16];
     for (int i = 0; i < 16; i++) {
@@ -216,20 +216,109 @@ static inline void strip_block(const int8_t *w, int64_t k, int64_t rows, int64_t
     for (int i = 0; i < 16; i++) _mm512_store_si512((void *)(out + i * 64), r[i]);
 }
 
-/* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
-static inline void combine_16(const int32_t *hi, const int32_t *lo, float s, const uint16_t *scales,
-                              const uint16_t *bias, uint16_t *y, int64_t count) {
-    __mmask16 mask = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
-    __m512 h = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)hi));
-    __m512 l = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)lo)), _mm512_set1_ps(254.0f));
-    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(h, l), _mm512_set1_ps(s)), load_bf16(scales, mask));
-    __m512i rounded = round_to_bf16(v);
-    if (bias != NULL) rounded = round_to_bf16(_mm512_add_ps(bf16_bits_to_float(rounded), load_bf16(bias, mask)));
-    _mm512_mask_cvtepi32_storeu_epi16(y, mask, rounded);
+/* Sums of R int8 activation rows (`act`, row stride k) against one packed strip, 16 columns per lane. */
+static inline __attribute__((always_inline)) void packed_strip(const int8_t *strip, int64_t blocks, const int8_t *act,
+                                                               int64_t k, int R, __m512i *acc) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80); /* w + 128, unsigned: see the file's head */
+#pragma GCC unroll 14
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < blocks; b++)
+        for (int kk = 0; kk < 16; kk++) {
+            const int8_t *row = strip + b * 1024 + kk * 64;
+            _mm_prefetch((const char *)(row + PREFETCH_AHEAD), _MM_HINT_T0);
+            __m512i wb = _mm512_xor_si512(_mm512_load_si512((const void *)row), flip);
+#pragma GCC unroll 14
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                memcpy(&four, act + r * k + b * 64 + 4 * kk, 4);
+                acc[r] = _mm512_dpbusd_epi32(acc[r], wb, _mm512_set1_epi32(four));
+            }
+        }
 }
 
+static inline __attribute__((always_inline)) void packed_strips(
+        const int8_t *w, int64_t blocks, int64_t k, int64_t n, int64_t s0, int64_t s1, const int8_t *act,
+        const int32_t *act_sums, const float *s, const uint16_t *scales, const uint16_t *bias, uint16_t *y, int M) {
+    for (int64_t strip = s0; strip < s1; strip++) {
+        __m512i acc[14];
+        packed_strip(w + strip * blocks * 1024, blocks, act, k, 2 * M, acc);
+        int64_t c0 = strip * 16;
+        for (int m = 0; m < M; m++) {
+            __m512i hi = _mm512_sub_epi32(acc[m], _mm512_set1_epi32(128 * act_sums[m]));
+            __m512i lo = _mm512_sub_epi32(acc[M + m], _mm512_set1_epi32(128 * act_sums[M + m]));
+            combine_16v(hi, lo, s[m], scales + c0, bias == NULL ? NULL : bias + c0, y + m * n + c0, 16);
+        }
+    }
+}
+
+#define PACKED_CASE(M_) \
+    case M_: packed_strips(w, blocks, k, n, s0, s1, act, act_sums, s, scales, bias, y, M_); break;
+
+/* The few-rows path on packed weights (n % 16 == 0, k % 64 == 0). */
+static int gemv_packed(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
+                       const uint16_t *bias, uint16_t *y) {
+    int8_t *act = aligned_alloc(64, (size_t)(2 * m * k));
+    if (act == NULL) return -1;
+    int32_t act_sums[2 * GEMV_MAX_ROWS];
+    float s[GEMV_MAX_ROWS];
+    for (int64_t r = 0; r < m; r++)
+        split_row(x + r * k, k, k, act + r * k, act + (m + r) * k, &act_sums[r], &act_sums[m + r], &s[r]);
+    int64_t blocks = k / 64, strips = n / 16;
+#pragma omp parallel
+    {
+        int threads = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t s0 = strips * t / threads, s1 = strips * (t + 1) / threads; /* contiguous: one stream each */
+        switch (m) {
+            PACKED_CASE(1)
+            PACKED_CASE(2)
+            PACKED_CASE(3)
+            PACKED_CASE(4)
+            PACKED_CASE(5)
+            PACKED_CASE(6)
+            PACKED_CASE(7)
+        }
+    }
+    free(act);
+    return 0;
+}
+
+/* A plain int8 weight [n, k] -> the packed layout (n % 16 == 0, k % 64 == 0), in `out`. */
+void tunelab_int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
+    int64_t blocks = k / 64;
+#pragma omp parallel for schedule(static)
+    for (int64_t strip = 0; strip < n / 16; strip++)
+        for (int64_t b = 0; b < blocks; b++)
+            strip_block(w + strip * 16 * k, k, 16, b * 64, out + (strip * blocks + b) * 1024);
+}
+
+#ifdef __AMX_INT8__
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* The many-rows path: AMX tiles. A tile holds 16 rows of 64 bytes; `tdpbssd` adds A [16 x 64] int8
+ * times B [64 x 16] int8 into C [16 x 16] int32, with B stored as 16 rows of (16 columns x 4 bytes).
+ * For each strip of 16 weight rows, the strip is first rearranged into that layout (a 16 x 16
+ * transpose of 4-byte groups per 64 columns), then every 16-row tile of activations runs against it:
+ * the weights are read once whatever the number of rows. */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+#define AMX_MAX_ROWS 128 /* rows per pass: 256 int8 activation rows, 1.2 MiB at K = 4864 */
+
+static int amx_permitted(void) { /* Linux hands out AMX state on request, once per process */
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+
+/* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
 static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
-                    const uint16_t *bias, uint16_t *y) {
+                    const uint16_t *bias, int packed, uint16_t *y) {
     if (!amx_permitted()) return -2;
     int64_t padded = (k + 63) / 64 * 64, blocks = padded / 64;
     int64_t act_rows = (2 * m + 15) / 16 * 16, tiles = act_rows / 16; /* hi rows, lo rows, zero rows */
@@ -252,7 +341,7 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
     {
         tile_config config = {.palette = 1};
         for (int t = 0; t < 8; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-        int8_t *strip = aligned_alloc(64, (size_t)(blocks * 2048)); /* two strips, interleaved by k block */
+        int8_t *strip = aligned_alloc(64, (size_t)(blocks * 2048)); /* plain weights: two strips rearranged here */
         int32_t *sums = aligned_alloc(64, sizeof(int32_t) * (size_t)(2 * act_rows * 16));
         if (strip == NULL || sums == NULL) failed = 1;
         else _tile_loadconfig(&config);
@@ -262,9 +351,15 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
             /* Two strips of 16 weight rows (the second maybe short or empty): four independent
              * accumulations per activation-tile pair keep the tile unit busy. */
             int64_t rows[2] = {n - n0 < 16 ? n - n0 : 16, n - n0 - 16 < 0 ? 0 : n - n0 - 16 < 16 ? n - n0 - 16 : 16};
-            for (int64_t b = 0; b < blocks; b++) {
-                strip_block(w + n0 * k, k, rows[0], b * 64, strip + b * 2048);
-                strip_block(w + (n0 + 16) * k, k, rows[1], b * 64, strip + b * 2048 + 1024);
+            const int8_t *strip_a = strip, *strip_b = strip + blocks * 1024;
+            if (packed) { /* both strips as stored; a missing second strip reads the first (its sums unused) */
+                strip_a = w + n0 / 16 * blocks * 1024;
+                strip_b = rows[1] > 0 ? strip_a + blocks * 1024 : strip_a;
+            } else {
+                for (int64_t b = 0; b < blocks; b++) {
+                    strip_block(w + n0 * k, k, rows[0], b * 64, strip + b * 1024);
+                    strip_block(w + (n0 + 16) * k, k, rows[1], b * 64, strip + (blocks + b) * 1024);
+                }
             }
             int32_t *sums_a = sums, *sums_b = sums + act_rows * 16;
             for (int64_t t0 = 0; t0 < tiles; t0 += 2) {
@@ -276,8 +371,8 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
                 /* tile numbers must be literal: 0, 1 accumulate strip a, 2, 3 strip b; 4, 7 activations; 5, 6 weights */
                 for (int64_t b = 0; b < blocks; b++) {
                     const int8_t *a = act + t0 * 16 * padded + b * 64;
-                    _tile_loadd(5, strip + b * 2048, 64);
-                    _tile_loadd(6, strip + b * 2048 + 1024, 64);
+                    _tile_loadd(5, strip_a + b * 1024, 64);
+                    _tile_loadd(6, strip_b + b * 1024, 64);
                     _tile_loadd(4, a, padded);
                     _tile_dpbssd(0, 4, 5);
                     _tile_dpbssd(2, 4, 6);
@@ -343,10 +438,12 @@ static void swiglu_rows(const uint16_t *gate_up, int64_t m, int64_t k, uint16_t 
 }
 
 /* x [m, k] bfloat16 (or, with `swiglu`, [m, 2k] gate and up halves whose silu(gate) * up is the input),
- * w [n, k] int8, scales [n] bfloat16, bias [n] bfloat16 or NULL -> y [m, n] bfloat16, for any m >= 1.
+ * w [n, k] int8 (plain, or `packed` by tunelab_int8_pack), scales [n] bfloat16, bias [n] bfloat16 or NULL
+ * -> y [m, n] bfloat16, for any m >= 1.
  * Returns 0; -1 when a buffer cannot be allocated; -2 when m > GEMV_MAX_ROWS and AMX is not there. */
 int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-                        const uint16_t *scales, const uint16_t *bias, int swiglu, uint16_t *y) {
+                        const uint16_t *scales, const uint16_t *bias, int swiglu, int packed, uint16_t *y) {
+    if (packed && (n % 16 != 0 || k % 64 != 0)) return -1;
     if (m < 1) return -1;
 #ifndef __AMX_INT8__
     if (m > GEMV_MAX_ROWS) return -2;
@@ -358,11 +455,12 @@ int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w
         x = product;
     }
     int status = 0;
-    if (m <= GEMV_MAX_ROWS) status = gemv(x, m, k, w, n, scales, bias, y);
+    if (m <= GEMV_MAX_ROWS) status = (packed ? gemv_packed : gemv)(x, m, k, w, n, scales, bias, y);
 #ifdef __AMX_INT8__
     /* Chunks of rows whose int8 activations stay in L2 while every weight strip passes over them. */
     for (int64_t r = 0; m > GEMV_MAX_ROWS && r < m && status == 0; r += AMX_MAX_ROWS)
-        status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, bias, y + r * n);
+        status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, bias, packed,
+                          y + r * n);
 #endif
     free(product);
     return status;

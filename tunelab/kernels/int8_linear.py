@@ -30,7 +30,7 @@ def _function():
     function = _library().tunelab_int8_linear
     function.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int, pointer]
+    function.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int, ctypes.c_int, pointer]
     return function
 
 
@@ -49,11 +49,30 @@ def takes(rows: int) -> bool:
     return limit is None or 1 <= rows <= limit
 
 
+def can_pack(out_features: int, in_features: int) -> bool:
+    """Whether weights of this shape can be kept in the kernel's packed layout here (AMX, whole tiles)."""
+    return max_rows() is None and out_features % 16 == 0 and in_features % 64 == 0
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A plain int8 weight [N, K] rearranged into the kernel's tile layout (same shape and bytes, other order):
+    the kernel then reads it as stored instead of rearranging it at every call."""
+    n, k = weight.shape
+    if weight.dtype != torch.int8 or not can_pack(n, k):
+        raise ValueError(f"a {n}x{k} {weight.dtype} weight cannot be packed here")
+    weight = weight.contiguous()
+    packed = torch.empty_like(weight)
+    _library().tunelab_int8_pack(ctypes.c_void_p(weight.data_ptr()), ctypes.c_int64(n), ctypes.c_int64(k),
+                                 ctypes.c_void_p(packed.data_ptr()))
+    return packed
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                swiglu: bool = False) -> torch.Tensor:
+                swiglu: bool = False, packed: bool = False) -> torch.Tensor:
     """x [M, K] bfloat16 @ (int8 weight [N, K] * scales [N] bfloat16).T (+ bias [N] bfloat16) -> [M, N] bfloat16,
     where `takes(M)`. With `swiglu`, x is [M, 2K], the gate and up projections side by side, and the
-    input is silu(gate) * up, computed as PyTorch's bfloat16 ops compute it."""
+    input is silu(gate) * up, computed as PyTorch's bfloat16 ops compute it. `packed`: the weight is
+    in the layout `pack` makes."""
     rows, n = x.shape[0], weight.shape[0]
     dtypes = {x.dtype, scales.dtype} | ({bias.dtype} if bias is not None else set())
     if not (rows >= 1 and takes(rows) and dtypes == {torch.bfloat16} and weight.dtype == torch.int8):
@@ -68,7 +87,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(rows, n, dtype=torch.bfloat16)
     status = _function()(x.data_ptr(), rows, k, weight.data_ptr(), n, scales.data_ptr(),
-                         None if bias is None else bias.data_ptr(), int(swiglu), out.data_ptr())
+                         None if bias is None else bias.data_ptr(), int(swiglu), int(packed), out.data_ptr())
     if status != 0:
         raise MemoryError("the int8 kernel could not allocate its buffers")
     return out

@@ -27,8 +27,8 @@ from tunelab.model.layers import FUSED_PROJECTIONS
 from tunelab.model.transformer import Transformer
 from tunelab.weights.gguf_file import GGUFFile, unpermute_llama_qk
 from tunelab.weights.hf_checkpoint import HFCheckpoint
-from tunelab.weights.quantized import (INT4_EXACT_TYPES, QUANTIZED_LINEAR, QuantizedEmbedding, QuantizedTensor,
-                                       kernel_fits)
+from tunelab.weights.quantized import (INT4_EXACT_TYPES, QUANTIZED_LINEAR, Int8Linear, QuantizedEmbedding,
+                                       QuantizedTensor, kernel_fits)
 
 # How weights are held: a float dtype for everything, or the linear layers quantized:
 #   "int8": int8 rows, except GGML types that int4 groups hold exactly (Q4_1), which stay 4-bit;
@@ -192,6 +192,8 @@ class _Placer:
             old.weight = nn.Parameter(_to_float(value, self.dtype), requires_grad=False)
             return
         layer = QUANTIZED_LINEAR[kind].from_rows(_row_chunks(value), old.out_features, old.in_features, self.dtype)
+        if isinstance(layer, Int8Linear):
+            layer.pack()  # tunelab's kernel layout, where that kernel runs every row count
         layer.bias = old.bias
         parent, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent), child, layer)

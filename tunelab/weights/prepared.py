@@ -31,6 +31,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from tunelab.kernels import int8_linear as native_int8
 from tunelab.model.config import ModelConfig
 from tunelab.model.transformer import Transformer
 from tunelab.tokenizer import Tokenizer
@@ -39,13 +40,15 @@ from tunelab.weights.quantized import QUANTIZED_LINEAR, QuantizedEmbedding, Quan
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1  # bump when a quantized module's buffers change meaning
+LAYOUT_VERSION = 2  # bump when a quantized module's buffers change meaning
 
 
 def prepared_dir(cache_dir: Path, source: Path, weight_format: str) -> Path:
     """Where the prepared form of `source` in `weight_format` lives (whether or not it exists yet)."""
     stat = source.resolve().stat()
-    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{weight_format}|{LAYOUT_VERSION}"
+    # int8 weights are kept in the kernel's packed layout where that kernel runs every row count.
+    kernels = f"int8-rows-{native_int8.max_rows()}"
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{weight_format}|{kernels}|{LAYOUT_VERSION}"
     return cache_dir / f"prepared-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
 
@@ -97,7 +100,8 @@ def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Tra
 def _describe(module: nn.Module) -> dict:
     if isinstance(module, QuantizedEmbedding):
         return {"kind": "embedding", "qtype": module.qtype.name, "shape": [module.num_embeddings, module.embedding_dim]}
-    return {"kind": module.kind, "shape": [module.out_features, module.in_features]}
+    return {"kind": module.kind, "shape": [module.out_features, module.in_features],
+            "packed": getattr(module, "packed", False)}
 
 
 def _empty_module(spec: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
@@ -110,6 +114,8 @@ def _empty_module(spec: dict, tensors: dict[str, torch.Tensor], name: str) -> nn
     layer = QUANTIZED_LINEAR[spec["kind"]](out_features, in_features, QUANTIZED_COMPUTE_DTYPE)
     if f"{name}.bias" in tensors:
         layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+    if spec.get("packed"):
+        layer.packed = True
     return layer
 
 

@@ -283,20 +283,34 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))  # [N]
 
     def store_rows(self, start: int, rows: torch.Tensor) -> None:
+        if self.packed:
+            raise RuntimeError("rows cannot be stored into a packed int8 weight; store them before pack()")
         codes, scales = quantize_int8(rows)
         self.weight[start:start + len(rows)] = codes
         self.scales[start:start + len(rows)] = scales
 
+    packed = False  # the weight is in tunelab's kernel layout (`pack`): only that kernel can read it
+
+    def pack(self) -> None:
+        """Keep the weight in tunelab's kernel layout where the kernel takes every row count (the
+        loader does this): the kernel then reads tiles as stored instead of rearranging them per call."""
+        if not self.packed and native_int8.can_pack(self.out_features, self.in_features):
+            self.weight = native_int8.pack(self.weight)
+            self.packed = True
+
     def runs_native(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether tunelab's kernel takes `rows` activation rows of `dtype` (with this layer's bias) here."""
-        return (dtype == self.scales.dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == dtype)
-                and native_int8.takes(rows))
+        native = (dtype == self.scales.dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == dtype)
+                  and native_int8.takes(rows))
+        if self.packed and not native:
+            raise RuntimeError(f"a packed int8 layer takes bfloat16 rows only, got {dtype}")
+        return native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if not self.runs_native(len(flat), x.dtype):
             return super().forward(x)
-        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias)  # the bias added in the kernel
+        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, packed=self.packed)  # bias included
         return out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
@@ -305,7 +319,7 @@ class Int8Linear(QuantizedLinear):
         flat = gate_up.reshape(-1, 2 * self.in_features)
         if not self.runs_native(len(flat), gate_up.dtype):
             return None
-        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, swiglu=True)
+        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, swiglu=True, packed=self.packed)
         return out.view(*gate_up.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +327,7 @@ class Int8Linear(QuantizedLinear):
         if self.runs_native(rows, x.dtype):
             # tunelab's kernel: the arithmetic of int8_gemm_two_level, so every row gets the same bits
             # whatever the number of rows, and 2-8x faster than the PyTorch kernels below.
-            return native_int8.int8_linear(x, self.weight, self.scales)
+            return native_int8.int8_linear(x, self.weight, self.scales, packed=self.packed)
         if rows >= GEMM_ROWS:
             # One exact int8 -> bfloat16 conversion, then oneDNN's GEMM, with the row scales applied
             # to the output: 2x faster than the kernels below at 200 rows.
