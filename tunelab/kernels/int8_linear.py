@@ -1,11 +1,11 @@
-"""int8 weights times a few bfloat16 activation rows (decode), through `int8_linear.c`.
+"""int8 weights times bfloat16 activation rows, through `int8_linear.c`.
 
-For a handful of rows an int8 linear layer costs one read of its weights. PyTorch's
-`_weight_int8pack_mm` reaches about half of this machine's memory bandwidth there, and its
-cost grows with every row; the C kernel reads each weight row once for all rows with AVX-512
-VNNI and prefetching, at about full bandwidth (`bench/linear_kernels.py`: the "native" column).
-It computes exactly what `int8_gemm_two_level` computes, so a row's result is the same bits
-whichever of the two runs it and whatever batch it is in.
+For a handful of rows (decode) an int8 linear layer costs one read of its weights: PyTorch's
+`_weight_int8pack_mm` reaches about half of this machine's memory bandwidth there, and its cost
+grows with every row; the kernel reads the weights once for all rows with AVX-512 VNNI and
+prefetching, at about full bandwidth. From 8 rows on (batches, prompts) it runs AMX tiles, where
+the CPU has them. Either way it computes exactly what `int8_gemm_two_level` computes, so a row's
+result is the same bits whatever batch it is in (`bench/linear_kernels.py`: the "native" column).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
         if native_norm.supports(x.dtype) and self.weight.dtype == x.dtype and residual.dtype == torch.float32:
             return native_norm.add_rms_norm(x, residual, self.weight, self.eps)
         total = residual + x
-        return F.rms_norm(total, (x.shape[-1],), self.weight, self.eps), total
+        return F.rms_norm(total, (x.shape[-1],), self.weight, self.eps).to(x.dtype), total
 
 
 def residual_stream(x: torch.Tensor) -> torch.Tensor:

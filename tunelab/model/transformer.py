@@ -74,6 +74,6 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, batch, kv_cache)
-        rows = batch.logits_indices
-        x = self.model.norm(x[rows], residual[rows])[0] if residual is not None else self.model.norm(x[rows])  # [R, hidden]
+        rows = batch.logits_indices  # the last layer's add is fused into the final norm too
+        x = self.model.norm(x[rows]) if residual is None else self.model.norm(x[rows], residual[rows])[0]  # [R, hidden]
         return self.lm_head(x).float()  # [R, vocab]

@@ -9,9 +9,9 @@ ggml-quants.c) with the same arithmetic order, so results agree bit for bit.
 `QuantizedTensor` holds the raw blocks. GGML's block formats have no PyTorch
 kernel, so at load time each linear weight is converted once to the nearest
 layout that has one: `Int8Linear` (one scale per output
-row, `torch._weight_int8pack_mm`) or `Int4Linear` (asymmetric groups of 32,
-GGML's block size, `torch._weight_int4pack_mm_for_cpu`). Both kernels want
-bfloat16 activations. `QuantizedEmbedding` keeps the token table in its GGML
+row; tunelab's kernel in `kernels/int8_linear.c` where it builds, else PyTorch's
+int8 paths) or `Int4Linear` (asymmetric groups of 32, GGML's block size,
+`torch._weight_int4pack_mm_for_cpu`). Both want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its GGML
 blocks and decodes only the looked-up rows.
 """
 
@@ -273,7 +273,8 @@ class QuantizedLinear(nn.Module, ABC):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights [N, K] with one scale per output row, through `torch._weight_int8pack_mm`."""
+    """int8 weights [N, K] with one scale per output row: tunelab's kernel (two-level activations, the same
+    bits for any row count), or where it does not run, PyTorch's int8 paths chosen by row count."""
 
     kind = "int8"
 
