@@ -74,6 +74,14 @@ static inline uint16_t combine(int32_t hi_sum, int32_t lo_sum, float s, uint16_t
     return bias == NULL ? y : float_to_bf16(bf16_to_float(y) + bf16_to_float(*bias));
 }
 
+/* The m activation rows -> act (hi rows 0..m-1, lo rows m..2m-1, each `padded` long), their sums and s. */
+static void split_rows(const uint16_t *x, int64_t m, int64_t k, int64_t padded, int8_t *act, int32_t *act_sums,
+                       float *s) {
+#pragma omp parallel for schedule(static) if (m > GEMV_MAX_ROWS)
+    for (int64_t r = 0; r < m; r++)
+        split_row(x + r * k, k, padded, act + r * padded, act + (m + r) * padded, &act_sums[r], &act_sums[m + r], &s[r]);
+}
+
 /* Dot NB weight rows (from `w`, row stride k) with R int8 activation rows (row stride `padded`):
  * sums[b * R + r]. NB and R are compile-time constants at every call, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dot_block(const int8_t *w, int64_t k, const int8_t *act,
@@ -137,8 +145,7 @@ static int gemv(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_
     if (act == NULL) return -1;
     int32_t act_sums[2 * GEMV_MAX_ROWS];
     float s[GEMV_MAX_ROWS];
-    for (int64_t r = 0; r < m; r++)
-        split_row(x + r * k, k, padded, act + r * padded, act + (m + r) * padded, &act_sums[r], &act_sums[m + r], &s[r]);
+    split_rows(x, m, k, padded, act, act_sums, s);
 
     const int64_t block = 16; /* weight rows per unit of work: whole cache lines of y for every thread */
     int64_t units = (n + block - 1) / block;
@@ -261,8 +268,7 @@ static int gemv_packed(const uint16_t *x, int64_t m, int64_t k, const int8_t *w,
     if (act == NULL) return -1;
     int32_t act_sums[2 * GEMV_MAX_ROWS];
     float s[GEMV_MAX_ROWS];
-    for (int64_t r = 0; r < m; r++)
-        split_row(x + r * k, k, k, act + r * k, act + (m + r) * k, &act_sums[r], &act_sums[m + r], &s[r]);
+    split_rows(x, m, k, k, act, act_sums, s);
     int64_t blocks = k / 64, strips = n / 16;
 #pragma omp parallel
     {
@@ -332,9 +338,7 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
         return -1;
     }
     memset(act + 2 * m * padded, 0, (size_t)((act_rows - 2 * m) * padded));
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < m; r++)
-        split_row(x + r * k, k, padded, act + r * padded, act + (m + r) * padded, &act_sums[r], &act_sums[m + r], &s[r]);
+    split_rows(x, m, k, padded, act, act_sums, s);
 
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
