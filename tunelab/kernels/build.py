@@ -2,8 +2,8 @@
 
 The library is built with the system C compiler for this CPU (`-march=native`) into
 `$TUNELAB_HOME/cache/kernels/`, named by a hash of the source and the headers beside it, the
-flags, the CPU's feature flags and torch's version, and written under a temporary name first, so a half-built library is
-never loaded. It links against the OpenMP runtime torch itself loaded (same `libgomp.so.1`), so
+flags, the CPU's feature flags and torch's version, and written under a temporary name first,
+so a half-built library is never loaded. It links against the OpenMP runtime torch itself loaded (same `libgomp.so.1`), so
 kernels and torch share one thread pool instead of two pools fighting over the cores.
 """
 
@@ -46,8 +46,9 @@ def _kernel_dir() -> Path:
 
 @functools.cache
 def load(name: str, needs: frozenset[str], libraries: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """The library built from `<name>.c` (linked with `libraries`, e.g. "mvec"), or None when it cannot run here (the CPU lacks one of `needs`,
-    there is no compiler, it fails to build, or TUNELAB_NATIVE_KERNELS=0)."""
+    """The library built from `<name>.c` (linked with `libraries`, e.g. "mvec"), or None when it cannot
+    run here: the CPU lacks one of `needs`, there is no compiler, it fails to build, or
+    TUNELAB_NATIVE_KERNELS=0."""
     flags = cpu_flags()
     if os.environ.get("TUNELAB_NATIVE_KERNELS", "1") == "0" or not needs <= flags:
         return None

@@ -34,8 +34,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """(rms_norm(residual + x) * weight, residual + x) for x [T, D] and weight [D] bfloat16 and residual
     [T, D] float32; the sum stays float32, the normed rows are bfloat16."""
     if not (x.dtype == weight.dtype == torch.bfloat16 and residual.dtype == torch.float32 and x.shape == residual.shape):
-        raise ValueError(f"add_rms_norm takes bfloat16 rows of one shape, got {x.dtype} {tuple(x.shape)} "
-                         f"and {residual.dtype} {tuple(residual.shape)}")
+        raise ValueError(f"add_rms_norm takes bfloat16 rows and weight on a float32 residual of the same shape, "
+                         f"got {x.dtype} {tuple(x.shape)} rows and a {residual.dtype} {tuple(residual.shape)} residual")
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
     total, out = torch.empty_like(residual), torch.empty_like(x)
     _function()(x.data_ptr(), residual.data_ptr(), total.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],

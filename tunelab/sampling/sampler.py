@@ -27,6 +27,8 @@ from tunelab.sampling.params import SamplingParams
 _FILTERS_OFF = dict(repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, dry_multiplier=0.0,
                     top_n_sigma=-1.0, top_k=0, typical_p=1.0, top_p=1.0, min_p=0.0, xtc_probability=0.0)
 
+NO_TOKEN_LEFT = "a row has no token left to sample: every logit is -inf or NaN"
+
 Record = Callable[[str, torch.Tensor, torch.Tensor | None], None]  # stage name, logits, column ids
 
 
@@ -101,7 +103,7 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     weights = torch.exp(logits - logits.max(-1, keepdim=True).values).nan_to_num(0.0)  # [R, V]
     cdf = weights.double().cumsum(-1)
     if (cdf[:, -1] == 0).any():
-        raise ValueError("a row has no token left to sample: every logit is -inf or NaN")
+        raise ValueError(NO_TOKEN_LEFT)
     target = uniforms.double()[:, None] * cdf[:, -1:]  # [R, 1]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
@@ -203,7 +205,7 @@ class Sampler:
             if greedy:
                 best = final.max(-1, keepdim=True)  # [G, 1]
                 if not torch.isfinite(best.values).all():
-                    raise ValueError("a row has no token left to sample: every logit is -inf or NaN")
+                    raise ValueError(NO_TOKEN_LEFT)
                 columns, probs = best.indices, torch.ones(len(group))
             else:
                 columns = draw(final, torch.tensor([_uniform(states[r].seed, states[r].step, "draw") for r in group],

@@ -8,11 +8,11 @@ ggml-quants.c) with the same arithmetic order, so results agree bit for bit.
 
 `QuantizedTensor` holds the raw blocks. GGML's block formats have no PyTorch
 kernel, so at load time each linear weight is converted once to the nearest
-layout that has one: `Int8Linear` (one scale per output
-row; tunelab's kernel in `kernels/int8_linear.c` where it builds, else PyTorch's
-int8 paths) or `Int4Linear` (asymmetric groups of 32, GGML's block size,
-`torch._weight_int4pack_mm_for_cpu`). Both want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its GGML
-blocks and decodes only the looked-up rows.
+layout that has one: `Int8Linear` (one scale per output row; tunelab's kernel in
+`kernels/int8_linear.c` where it builds, else PyTorch's int8 paths) or `Int4Linear`
+(asymmetric groups of 32, GGML's block size, `torch._weight_int4pack_mm_for_cpu`).
+Both want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its
+GGML blocks and decodes only the looked-up rows.
 """
 
 from __future__ import annotations
@@ -277,6 +277,7 @@ class Int8Linear(QuantizedLinear):
     bits for any row count), or where it does not run, PyTorch's int8 paths chosen by row count."""
 
     kind = "int8"
+    packed = False  # the weight is in tunelab's kernel layout (`pack`): only that kernel can read it
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
         super().__init__(out_features, in_features, dtype)
@@ -289,8 +290,6 @@ class Int8Linear(QuantizedLinear):
         codes, scales = quantize_int8(rows)
         self.weight[start:start + len(rows)] = codes
         self.scales[start:start + len(rows)] = scales
-
-    packed = False  # the weight is in tunelab's kernel layout (`pack`): only that kernel can read it
 
     def pack(self) -> None:
         """Keep the weight in tunelab's kernel layout where the kernel takes every row count (the
