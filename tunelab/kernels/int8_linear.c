@@ -24,6 +24,7 @@
 #endif
 
 #include "bfloat16.h"
+#include "swiglu.h"
 
 #define CHUNK 64 /* bytes of K per vpdpbusd */
 /* How far ahead of each weight row's reads to prefetch: the hardware prefetcher alone reaches ~18 GB/s
@@ -421,26 +422,6 @@ int tunelab_int8_linear_any_rows(void) {
 #endif
 }
 
-/* glibc's vector expf (libmvec, within 4 ulp): sixteen at a time. */
-__m512 _ZGVeN16v_expf(__m512 x);
-
-/* SwiGLU rows: gate_up [m, 2k] bfloat16 -> silu(gate) * up [m, k] bfloat16, rounded after each op as
- * torch's F.silu(gate) * up is (silu computed in float32 as x / (1 + exp(-x))). */
-static void swiglu_rows(const uint16_t *gate_up, int64_t m, int64_t k, uint16_t *out) {
-#pragma omp parallel for schedule(static) if (m > GEMV_MAX_ROWS)
-    for (int64_t r = 0; r < m; r++) {
-        const uint16_t *gate = gate_up + r * 2 * k, *up = gate + k;
-        for (int64_t i = 0; i < k; i += 16) {
-            __mmask16 mask = k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
-            __m512 g = load_bf16(gate + i, mask);
-            __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            __m512 silu = bf16_bits_to_float(round_to_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
-            _mm512_mask_cvtepi32_storeu_epi16(out + r * k + i, mask,
-                                              round_to_bf16(_mm512_mul_ps(silu, load_bf16(up + i, mask))));
-        }
-    }
-}
-
 /* x [m, k] bfloat16 (or, with `swiglu`, [m, 2k] gate and up halves whose silu(gate) * up is the input),
  * w [n, k] int8 (plain, or `packed` by tunelab_int8_pack), scales [n] bfloat16, bias [n] bfloat16 or NULL
  * -> y [m, n] bfloat16, for any m >= 1.
@@ -455,7 +436,7 @@ int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w
     uint16_t *product = NULL;
     if (swiglu) {
         if ((product = malloc(sizeof(uint16_t) * (size_t)(m * k))) == NULL) return -1;
-        swiglu_rows(x, m, k, product);
+        swiglu_rows(x, m, k, m > GEMV_MAX_ROWS, product);
         x = product;
     }
     int status = 0;

@@ -221,7 +221,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         gate_up = self.gate_up_proj(x)  # [T, 2 * ff]
-        fused = getattr(self.down_proj, "swiglu", None)  # an int8 layer's kernel takes silu(gate) * up itself
+        fused = getattr(self.down_proj, "swiglu", None)  # a quantized layer's kernel takes silu(gate) * up itself
         out = fused(gate_up) if fused is not None else None
         if out is not None:
             return out

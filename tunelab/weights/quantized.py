@@ -10,7 +10,8 @@ ggml-quants.c) with the same arithmetic order, so results agree bit for bit.
 kernel, so at load time each linear weight is converted once to the nearest
 layout that has one: `Int8Linear` (one scale per output row; tunelab's kernel in
 `kernels/int8_linear.c` where it builds, else PyTorch's int8 paths) or `Int4Linear`
-(asymmetric groups of 32, GGML's block size, `torch._weight_int4pack_mm_for_cpu`).
+(GGML's Q4_1 groups of 32; tunelab's kernel in `kernels/int4_linear.c` where it builds,
+else `torch._weight_int4pack_mm_for_cpu`).
 Both want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its
 GGML blocks and decodes only the looked-up rows.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import UnsupportedQuantization
+from tunelab.kernels import int4_linear as native_int4
 from tunelab.kernels import int8_linear as native_int8
 
 
@@ -198,7 +200,7 @@ class QuantizedTensor:
 
 
 # GGML types whose blocks int4 groups of 32 hold exactly: a Q4_1 block's codes span 0..15 with
-# scale d and minimum m, which is what `quantize_int4` finds again from the decoded values.
+# fp16 scale d and minimum m, which is what `quantize_int4` finds again from the decoded values.
 INT4_EXACT_TYPES = frozenset({Q.Q4_1})
 INT4_GROUP_SIZE = 32
 INT_GEMM_ROWS = 8  # from this many activation rows (batched decode), int8 weights run through an integer GEMM
@@ -212,18 +214,21 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit per group of 32 along K: codes [N, K] int32 in 0..15 and [N, K / 32, 2] (scale, zero).
-
-    The kernel computes (code - 8) * scale + zero, so zero is the group's midpoint:
-    near 0 for most groups, which keeps its bfloat16 rounding small.
-    """
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of 32 along K, as GGML's Q4_1: weight [N, K] -> codes [N, K] int32 in
+    0..15, and scales and minimums [N, K / 32] (float32 values that fp16 holds exactly), with
+    weight ~ code * scale + minimum. A Q4_1 block's codes span 0..15, so its decoded values give back
+    its codes, scale and minimum exactly."""
     n, k = weight.shape
     groups = weight.float().view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)  # [N, G, 32]
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
-    scales = ((high - low) / 15).clamp_min(1e-12)
-    codes = ((groups - low[..., None]) / scales[..., None]).round_().clamp_(0, 15)
-    return codes.to(torch.int32).view(n, k), torch.stack([scales, low + 8 * scales], dim=-1)
+    if not (low.isfinite().all() and high.isfinite().all() and max(-low.min(), high.max()) < 65504):
+        raise ValueError("int4 groups keep their scale and minimum in fp16: weights must be finite and within "
+                         "+-65504; load this model as int8 or bfloat16 instead")
+    scales, minimums = ((high - low) / 15).half().float(), low.half().float()
+    steps = torch.where(scales > 0, scales, 1.0)
+    codes = ((groups - minimums[..., None]) / steps[..., None]).round_().clamp_(0, 15)
+    return codes.to(torch.int32).view(n, k), scales, minimums
 
 
 def kernel_fits(kind: str, out_features: int, in_features: int) -> bool:
@@ -357,25 +362,55 @@ def int8_gemm_two_level(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
 
 
 class Int4Linear(QuantizedLinear):
-    """4-bit weights in groups of 32, packed by `_convert_weight_to_int4pack_for_cpu` ([N, K / 2] uint8)."""
+    """4-bit weights in groups of 32, code * scale + minimum (GGML's Q4_1, fp16 scale and minimum): in tunelab's
+    kernel layout ([N / 16, K / 32, 320] uint8) where that kernel runs, else in the layout of PyTorch's
+    `_weight_int4pack_mm_for_cpu` ([N, K / 2] uint8, with bfloat16 scales and zeros [K / 32, N, 2])."""
 
     kind = "int4"
-    PACK_ROWS = 64  # the packer tiles rows by 64: chunks of whole tiles pack as the full weight does
+    PACK_ROWS = 64  # PyTorch's packer tiles rows by 64: chunks of whole tiles pack as the full weight does
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
         super().__init__(out_features, in_features, dtype)
         num_groups = in_features // INT4_GROUP_SIZE
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # [N, K/2]
-        self.register_buffer("scales_and_zeros", torch.empty(num_groups, out_features, 2, dtype=dtype))  # [G, N, 2]
+        self.native = native_int4.available()
+        if self.native:
+            self.register_buffer("weight", torch.empty(out_features // 16, num_groups, native_int4.BLOCK_BYTES,
+                                                       dtype=torch.uint8))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # [N, K/2]
+            self.register_buffer("scales_and_zeros", torch.empty(num_groups, out_features, 2, dtype=dtype))  # [G, N, 2]
 
     def store_rows(self, start: int, rows: torch.Tensor) -> None:
         if start % self.PACK_ROWS:
             raise ValueError(f"int4 rows must be stored in tiles of {self.PACK_ROWS}")
-        codes, scales_and_zeros = quantize_int4(rows)
+        codes, scales, minimums = quantize_int4(rows)
+        if self.native:
+            self.weight[start // 16:(start + len(rows)) // 16] = native_int4.pack(codes, scales, minimums)
+            return
         self.weight[start:start + len(rows)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        self.scales_and_zeros[:, start:start + len(rows)] = scales_and_zeros.transpose(0, 1)
+        # PyTorch's kernel computes (code - 8) * scale + zero
+        self.scales_and_zeros[:, start:start + len(rows)] = torch.stack([scales, minimums + 8 * scales], -1).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.native:
+            return super().forward(x)
+        out = native_int4.int4_linear(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self._bias())
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """This layer applied to silu(gate) * up, from gate_up [..., 2 * in_features], in one kernel call;
+        None where the kernel does not run (the caller computes the product itself)."""
+        if not self.native or gate_up.dtype != torch.bfloat16:
+            return None
+        out = native_int4.int4_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, self._bias(), swiglu=True)
+        return out.view(*gate_up.shape[:-1], self.out_features)
+
+    def _bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return native_int4.int4_linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP_SIZE, self.scales_and_zeros)
 
 
