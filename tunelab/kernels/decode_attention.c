@@ -83,27 +83,64 @@ static inline __m512 sum_each(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xdd));
 }
 
-/* acc[g] = sum_j p[g][j] * value_j for the `group` query heads of one KV head; the values have
- * `chunks` x 16 dims. Heads go four or two at a time with their sums in registers (for 64 and 128 dims,
- * where `chunks` is a constant after inlining), each value row read once per pass. */
+#define VALUE_PREFETCH 8 /* value rows ahead: the keys' slots are scattered over the cache */
+
+/* acc[g] = sum_j p[g][j] * value_j for `heads` query heads (from g0) of one KV head, whose values have
+ * `chunks` x 16 dims; heads * chunks <= 16. Both are compile-time constants at every call after
+ * inlining, so the sums stay in registers and each value row is read once per pass. */
+static inline __attribute__((always_inline)) void weighted_sum_pass(
+        const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache, int64_t kv, int64_t head,
+        int64_t g0, int heads, int chunks, float *acc) {
+    __m512 sums[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < heads * chunks; i++) sums[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < num_keys; j++) {
+        const uint16_t *value = v_cache + (keys[j] * kv + head) * chunks * 16;
+        if (j + VALUE_PREFETCH < num_keys)
+#pragma GCC unroll 8
+            for (int t = 0; t < chunks; t += 2)
+                _mm_prefetch((const char *)(v_cache + (keys[j + VALUE_PREFETCH] * kv + head) * chunks * 16 + t * 16), _MM_HINT_T0);
+#pragma GCC unroll 16
+        for (int t = 0; t < chunks; t++) {
+            __m512 v = load_bf16(value + t * 16, 0xffff);
+#pragma GCC unroll 16
+            for (int g = 0; g < heads; g++)
+                sums[g * chunks + t] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g0 + g) * num_keys + j]), v, sums[g * chunks + t]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < heads; g++)
+#pragma GCC unroll 16
+        for (int t = 0; t < chunks; t++) _mm512_storeu_ps(acc + (g0 + g) * chunks * 16 + t * 16, sums[g * chunks + t]);
+}
+
+/* weighted_sum_pass over all `group` heads, as many per pass as 16 accumulators hold. */
 static inline __attribute__((always_inline)) void weighted_sum(
         const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache, int64_t kv, int64_t head,
-        int64_t group, int64_t chunks, float *acc) {
-    const int64_t step = chunks <= 4 ? 4 : chunks <= 8 ? 2 : 1; /* heads per pass: at most 16 accumulators */
+        int64_t group, int chunks, float *acc) {
+    const int step = 16 / chunks;
     for (int64_t g0 = 0; g0 < group; g0 += step) {
-        int64_t heads = group - g0 < step ? group - g0 : step;
+        switch (group - g0 < step ? group - g0 : step) {
+        case 1: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 1, chunks, acc); break;
+        case 2: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 2, chunks, acc); break;
+        case 3: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 3, chunks, acc); break;
+        default: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 4, chunks, acc); break;
+        }
+    }
+}
+
+/* The same for any dims (d / 16 chunks, up to 16): one head per pass. */
+static void weighted_sum_any(const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache,
+                             int64_t kv, int64_t head, int64_t group, int64_t chunks, float *acc) {
+    for (int64_t g = 0; g < group; g++) {
         __m512 sums[16];
-        for (int64_t i = 0; i < 16; i++) sums[i] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < chunks; t++) sums[t] = _mm512_setzero_ps();
         for (int64_t j = 0; j < num_keys; j++) {
             const uint16_t *value = v_cache + (keys[j] * kv + head) * chunks * 16;
-            for (int64_t t = 0; t < chunks && t < 16; t++) {
-                __m512 v = load_bf16(value + t * 16, 0xffff);
-                for (int64_t g = 0; g < heads; g++)
-                    sums[g * chunks + t] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g0 + g) * num_keys + j]), v, sums[g * chunks + t]);
-            }
+            __m512 weight = _mm512_set1_ps(p[g * num_keys + j]);
+            for (int64_t t = 0; t < chunks; t++) sums[t] = _mm512_fmadd_ps(weight, load_bf16(value + t * 16, 0xffff), sums[t]);
         }
-        for (int64_t g = 0; g < heads; g++)
-            for (int64_t t = 0; t < chunks; t++) _mm512_storeu_ps(acc + (g0 + g) * chunks * 16 + t * 16, sums[g * chunks + t]);
+        for (int64_t t = 0; t < chunks; t++) _mm512_storeu_ps(acc + g * chunks * 16 + t * 16, sums[t]);
     }
 }
 
@@ -159,6 +196,9 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
         float block[16 * 256]; /* 16 keys in float32 */
         for (int64_t j0 = 0; j0 < num_keys; j0 += 16) {
             int64_t count = num_keys - j0 < 16 ? num_keys - j0 : 16;
+            for (int64_t j = j0 + 16; j < j0 + 32 && j < num_keys; j++) /* the next 16 keys: scattered rows the */
+                for (int64_t t = 0; t < d; t += 32)                        /* hardware prefetcher cannot guess */
+                    _mm_prefetch((const char *)(k_cache + (keys[j] * kv + head) * d + t), _MM_HINT_T0);
             for (int64_t j = 0; j < 16; j++) { /* past the end: repeat the last key; its scores are not stored */
                 const uint16_t *key = k_cache + (keys[j0 + (j < count ? j : count - 1)] * kv + head) * d;
                 for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(block + j * d + t, load_bf16(key + t, 0xffff));
@@ -177,7 +217,7 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
         for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
         if (d == 64) weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, 4, acc);
         else if (d == 128) weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, 8, acc);
-        else weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, d / 16, acc);
+        else weighted_sum_any(scores, num_keys, keys, v_cache, kv, head, group, d / 16, acc);
         for (int64_t g = 0; g < group; g++)
             for (int64_t t = 0; t < d; t++)
                 out[i * h * d + (head * group + g) * d + t] = float_to_bf16(acc[g * d + t]);

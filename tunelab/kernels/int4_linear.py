@@ -76,20 +76,22 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x [M, K] bfloat16 @ the packed weight's [N, K] values .T (+ bias [N] bfloat16) -> [M, N] bfloat16.
     With `swiglu`, x is [M, 2K], the gate and up projections side by side, and the input is
     silu(gate) * up, computed as PyTorch's bfloat16 ops compute it."""
+    # Decode calls this ~120 times a step for a small model: the checks are kept to a few attribute reads.
+    function = _function()
+    if function is None:
+        raise RuntimeError("the int4 kernel does not run here (it needs AVX-512 VNNI and a C compiler)")
     strips, groups, _ = weight.shape
     n, k = 16 * strips, GROUP_SIZE * groups
-    rows = x.shape[0]
-    if not available():
-        raise RuntimeError("the int4 kernel does not run here (it needs AVX-512 VNNI and a C compiler)")
-    if x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16) or weight.dtype != torch.uint8:
-        raise ValueError(f"the int4 kernel takes bfloat16 rows and bias, got {x.dtype} rows")
-    if rows < 1 or x.shape[1] != (2 * k if swiglu else k):
+    rows, columns = x.shape
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.uint8 or (bias is not None and bias.dtype != torch.bfloat16):
+        raise ValueError(f"the int4 kernel takes bfloat16 rows and bias and a uint8 weight, got {x.dtype} rows")
+    if rows < 1 or columns != (2 * k if swiglu else k):
         raise ValueError(f"the int4 kernel needs rows of {'2 x ' if swiglu else ''}{k} columns, got {tuple(x.shape)}")
-    x, weight = x.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     out = torch.empty(rows, n, dtype=torch.bfloat16)
-    status = _function()(x.data_ptr(), rows, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
-                         int(swiglu), out.data_ptr())
+    status = function(x.data_ptr(), rows, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                      swiglu, out.data_ptr())
     if status != 0:
         raise MemoryError("the int4 kernel could not allocate its buffers")
     return out

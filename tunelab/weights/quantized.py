@@ -316,7 +316,7 @@ class Int8Linear(QuantizedLinear):
         if not self.runs_native(len(flat), x.dtype):
             return super().forward(x)
         out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, packed=self.packed)  # bias included
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """This layer applied to silu(gate) * up, from gate_up [..., 2 * in_features], in one kernel call;
@@ -392,21 +392,25 @@ class Int4Linear(QuantizedLinear):
         self.scales_and_zeros[:, start:start + len(rows)] = torch.stack([scales, minimums + 8 * scales], -1).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.native:
+        bias = self.bias  # buffers and parameters are looked up through nn.Module.__getattr__: read each once
+        if not self._runs_native(x.dtype, bias):
             return super().forward(x)
-        out = native_int4.int4_linear(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self._bias())
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if x.dim() == 2:  # the model's rows: no reshapes (a view costs as much as the kernel on a small layer)
+            return native_int4.int4_linear(x, self.weight, bias)  # bias included
+        out = native_int4.int4_linear(x.reshape(-1, self.in_features), self.weight, bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """This layer applied to silu(gate) * up, from gate_up [..., 2 * in_features], in one kernel call;
         None where the kernel does not run (the caller computes the product itself)."""
-        if not self.native or gate_up.dtype != torch.bfloat16:
+        bias = self.bias
+        if not self._runs_native(gate_up.dtype, bias):
             return None
-        out = native_int4.int4_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, self._bias(), swiglu=True)
-        return out.view(*gate_up.shape[:-1], self.out_features)
+        out = native_int4.int4_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, bias, swiglu=True)
+        return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], self.out_features)
 
-    def _bias(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(torch.bfloat16)
+    def _runs_native(self, dtype: torch.dtype, bias: torch.Tensor | None) -> bool:
+        return self.native and dtype == torch.bfloat16 and (bias is None or bias.dtype == dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
