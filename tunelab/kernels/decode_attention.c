@@ -13,6 +13,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,7 @@
 #include "bfloat16.h"
 
 /* One head [d] bfloat16 -> float32 (exact bfloat16 values): optional RMSNorm, then RoPE. */
-static void norm_and_rope(const uint16_t *head, int64_t d, const float *norm_weight, float eps,
+static void norm_and_rope(const uint16_t *head, int64_t d, const uint16_t *norm_weight, float eps,
                           const uint16_t *cos, const uint16_t *sin, float *out) { /* out: bfloat16 values */
     float x[512];
     for (int64_t i = 0; i < d; i++) x[i] = bf16_to_float(head[i]);
@@ -32,7 +33,7 @@ static void norm_and_rope(const uint16_t *head, int64_t d, const float *norm_wei
         float sum = 0.0f;
         for (int64_t i = 0; i < d; i++) sum += x[i] * x[i];
         float inv = 1.0f / sqrtf(sum / (float)d + eps);
-        for (int64_t i = 0; i < d; i++) x[i] = round_bf16(x[i] * inv * norm_weight[i]);
+        for (int64_t i = 0; i < d; i++) x[i] = round_bf16(x[i] * inv * bf16_to_float(norm_weight[i]));
     }
     int64_t half = d / 2;
     for (int64_t i = 0; i < d; i++) {
@@ -114,18 +115,19 @@ static inline __attribute__((always_inline)) void weighted_sum_pass(
         for (int t = 0; t < chunks; t++) _mm512_storeu_ps(acc + (g0 + g) * chunks * 16 + t * 16, sums[g * chunks + t]);
 }
 
-/* weighted_sum_pass over all `group` heads, as many per pass as 16 accumulators hold. */
+/* weighted_sum_pass over all `group` heads, as many per pass as 16 accumulators hold (chunks: 4 or 8). */
 static inline __attribute__((always_inline)) void weighted_sum(
         const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache, int64_t kv, int64_t head,
         int64_t group, int chunks, float *acc) {
-    const int step = 16 / chunks;
+    const int step = 16 / chunks; /* 4 heads of 64 dims, or 2 of 128 */
     for (int64_t g0 = 0; g0 < group; g0 += step) {
-        switch (group - g0 < step ? group - g0 : step) {
-        case 1: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 1, chunks, acc); break;
-        case 2: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 2, chunks, acc); break;
-        case 3: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 3, chunks, acc); break;
-        default: weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 4, chunks, acc); break;
-        }
+        int heads = group - g0 < step ? (int)(group - g0) : step;
+        if (chunks == 8 || heads == 1) {
+            if (heads == 1) weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 1, chunks, acc);
+            else weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 2, 8, acc);
+        } else if (heads == 2) weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 2, 4, acc);
+        else if (heads == 3) weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 3, 4, acc);
+        else weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 4, 4, acc);
     }
 }
 
@@ -144,12 +146,12 @@ static void weighted_sum_any(const float *p, int64_t num_keys, const int64_t *ke
     }
 }
 
-/* qkv [s, (h + 2 kv) d] bfloat16; cos, sin [s, d] bfloat16; q_norm, k_norm [d] float32 or NULL;
+/* qkv [s, (h + 2 kv) d] bfloat16; cos, sin [s, d] bfloat16; q_norm, k_norm [d] bfloat16 or NULL;
  * k_cache, v_cache [slots, kv, d] bfloat16 (this layer's); slots [s]; key_index [s, max_keys];
  * positions [s] (sequence s attends to keys 0..positions[s]); num_slots: the cache's; out [s, h d] bfloat16.
  * Returns 0, or -1 for a shape it does not take or a failed allocation. */
 int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t kv, int64_t d,
-                             const uint16_t *cos, const uint16_t *sin, const float *q_norm, const float *k_norm,
+                             const uint16_t *cos, const uint16_t *sin, const uint16_t *q_norm, const uint16_t *k_norm,
                              float eps, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
                              const int64_t *key_index, int64_t max_keys, const int64_t *positions,
                              int64_t num_slots, uint16_t *out) {
@@ -181,7 +183,11 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
     }
 
     int failed = 0;
-#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    /* A sequence's KV heads on one thread, one after another, where there are enough sequences to go
+     * round: its cache rows hold every head's key side by side, so the lines one head's pass brings in
+     * serve the next head from that core's L2. */
+    int64_t chunk = s >= 2 * omp_get_max_threads() ? kv : 1;
+#pragma omp parallel for schedule(static, chunk) reduction(| : failed)
     for (int64_t unit = 0; unit < s * kv; unit++) {
         int64_t i = unit / kv, head = unit % kv, num_keys = positions[i] + 1;
         float *scores = malloc(sizeof(float) * (size_t)(group * num_keys));

@@ -44,14 +44,14 @@ def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_
     """qkv [S, (H + 2 KV) * D] bfloat16 of one new token per sequence -> attention output [S, H * D] bfloat16.
 
     cos, sin: [S, ..., D] bfloat16 (sin sign-folded, as `RotaryEmbedding` gives them); q_norm, k_norm:
-    [D] per-head RMSNorm weights or None; k_cache, v_cache: this layer's [slots, KV, D] bfloat16, into
+    [D] per-head RMSNorm weights (bfloat16) or None; k_cache, v_cache: this layer's [slots, KV, D] bfloat16, into
     which the new keys and values are written at `slots` [S]; key_index [S, K]: each sequence's cache
     slots in order; positions [S]: sequence s sees keys 0..positions[s].
     """
     num_seqs = qkv.shape[0]
     tensors = [t.contiguous() for t in (qkv, cos, sin, slots, key_index, positions)]
     qkv, cos, sin, slots, key_index, positions = tensors
-    norms = [None if w is None else w.float().contiguous() for w in (q_norm, k_norm)]
+    norms = [None if w is None else w.to(torch.bfloat16).contiguous() for w in (q_norm, k_norm)]  # as the model holds them
     out = torch.empty(num_seqs, num_heads * head_dim, dtype=torch.bfloat16)
     status = _function()(
         qkv.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),

@@ -299,8 +299,7 @@ void tunelab_int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
 }
 
 #ifdef __AMX_INT8__
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
 /* The many-rows path: AMX tiles. A tile holds 16 rows of 64 bytes; `tdpbssd` adds A [16 x 64] int8
  * times B [64 x 16] int8 into C [16 x 16] int32, with B stored as 16 rows of (16 columns x 4 bytes).
@@ -308,22 +307,8 @@ void tunelab_int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
  * transpose of 4-byte groups per 64 columns), then every 16-row tile of activations runs against it:
  * the weights are read once whatever the number of rows. */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} tile_config;
-
 #define AMX_MAX_ROWS 128 /* rows per pass: 256 int8 activation rows, 1.2 MiB at K = 4864 */
 
-static int amx_permitted(void) { /* Linux hands out AMX state on request, once per process */
-    static int state = 0;
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
-    return state == 1;
-}
-
-
-/* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
 static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
                     const uint16_t *bias, int packed, uint16_t *y) {
     if (!amx_permitted()) return -2;
