@@ -24,22 +24,28 @@
 
 #include "bfloat16.h"
 
-/* One head [d] bfloat16 -> float32 (exact bfloat16 values): optional RMSNorm, then RoPE. */
+/* One head [d] bfloat16 -> float32 (exact bfloat16 values): optional RMSNorm, then RoPE; 16 lanes at a time. */
 static void norm_and_rope(const uint16_t *head, int64_t d, const uint16_t *norm_weight, float eps,
                           const uint16_t *cos, const uint16_t *sin, float *out) { /* out: bfloat16 values */
-    float x[512];
-    for (int64_t i = 0; i < d; i++) x[i] = bf16_to_float(head[i]);
+    float x[2 * 256]; /* the head twice over: x + i + d / 2 reads the head rolled by d / 2 */
+    for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(x + i, load_bf16(head + i, 0xffff));
     if (norm_weight != NULL) {
-        float sum = 0.0f;
-        for (int64_t i = 0; i < d; i++) sum += x[i] * x[i];
-        float inv = 1.0f / sqrtf(sum / (float)d + eps);
-        for (int64_t i = 0; i < d; i++) x[i] = round_bf16(x[i] * inv * bf16_to_float(norm_weight[i]));
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            __m512 v = _mm512_loadu_ps(x + i);
+            squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)d + eps));
+        for (int64_t i = 0; i < d; i += 16) {
+            __m512 normed = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv), load_bf16(norm_weight + i, 0xffff));
+            _mm512_storeu_ps(x + i, bf16_bits_to_float(round_to_bf16(normed)));
+        }
     }
-    int64_t half = d / 2;
-    for (int64_t i = 0; i < d; i++) {
-        float rotated = x[(i + half) % d]; /* roll by d / 2; the signs are folded into sin */
-        float a = round_bf16(x[i] * bf16_to_float(cos[i]));
-        out[i] = round_bf16(a + rotated * bf16_to_float(sin[i]));
+    memcpy(x + d, x, sizeof(float) * (size_t)d);
+    for (int64_t i = 0; i < d; i += 16) { /* the signs of rotate_half are folded into sin */
+        __m512 a = bf16_bits_to_float(round_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(x + i), load_bf16(cos + i, 0xffff))));
+        __m512 rotated = _mm512_mul_ps(_mm512_loadu_ps(x + i + d / 2), load_bf16(sin + i, 0xffff));
+        _mm512_storeu_ps(out + i, bf16_bits_to_float(round_to_bf16(_mm512_add_ps(a, rotated))));
     }
 }
 
@@ -48,9 +54,11 @@ __m512 _ZGVeN16v_expf(__m512 x);
 
 /* p[j] = exp(p[j] - max p) / sum, for n scores. */
 static void softmax(float *p, int64_t n) {
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t j = 0; j < n; j++) top = fmaxf(top, p[j]);
-    __m512 shift = _mm512_set1_ps(top), sums = _mm512_setzero_ps();
+    float total = 0.0f;
+    __m512 tops = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16)
+        tops = _mm512_max_ps(tops, _mm512_mask_loadu_ps(tops, n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1), p + j));
+    __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(tops)), sums = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
         __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(p + j), shift));
@@ -82,6 +90,23 @@ static inline __m512 sum_each(const __m512 v[16]) {
     __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xee));
     __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xee));
     return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xdd));
+}
+
+/* The scores of one query q [16 chunks] against 16 keys (block: 16 rows of chunks x 16 floats): 16
+ * independent accumulators, one per key, so the multiply-adds pipeline; `chunks` is a constant for 64
+ * and 128 dims after inlining. */
+static inline __attribute__((always_inline)) __m512 score_16(const float *q, const float *block, int64_t chunks) {
+    __m512 partial[16];
+    __m512 first = _mm512_loadu_ps(q);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) partial[j] = _mm512_mul_ps(first, _mm512_loadu_ps(block + j * chunks * 16));
+    for (int64_t t = 1; t < chunks; t++) {
+        __m512 part = _mm512_loadu_ps(q + t * 16);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++)
+            partial[j] = _mm512_fmadd_ps(part, _mm512_loadu_ps(block + j * chunks * 16 + t * 16), partial[j]);
+    }
+    return sum_each(partial);
 }
 
 #define VALUE_PREFETCH 8 /* value rows ahead: the keys' slots are scattered over the cache */
@@ -166,12 +191,13 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
     if (queries == NULL) return -1;
     const float scale = (float)(1.0 / sqrt((double)d)); /* head_dim ** -0.5, as a float32 scalar */
 
-    for (int64_t i = 0; i < s; i++) {
+#pragma omp parallel for schedule(static) if (s > 1)
+    for (int64_t i = 0; i < s; i++) { /* each sequence writes its own slot */
         const uint16_t *x = qkv + i * row, *c = cos + i * d, *n = sin + i * d;
         for (int64_t head = 0; head < h; head++) {
             float *q = queries + (i * h + head) * d;
             norm_and_rope(x + head * d, d, q_norm, eps, c, n, q);
-            for (int64_t j = 0; j < d; j++) q[j] *= scale;
+            for (int64_t j = 0; j < d; j += 16) _mm512_storeu_ps(q + j, _mm512_mul_ps(_mm512_loadu_ps(q + j), _mm512_set1_ps(scale)));
         }
         for (int64_t head = 0; head < kv; head++) {
             float key[512];
@@ -211,13 +237,8 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
             }
             for (int64_t g = 0; g < group; g++) {
                 const float *q = queries + (i * h + head * group + g) * d;
-                __m512 partial[16];
-                for (int j = 0; j < 16; j++) {
-                    partial[j] = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(block + j * d));
-                    for (int64_t t = 16; t < d; t += 16)
-                        partial[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + t), _mm512_loadu_ps(block + j * d + t), partial[j]);
-                }
-                _mm512_mask_storeu_ps(scores + g * num_keys + j0, (__mmask16)((1u << count) - 1), sum_each(partial));
+                __m512 dots = d == 64 ? score_16(q, block, 4) : d == 128 ? score_16(q, block, 8) : score_16(q, block, d / 16);
+                _mm512_mask_storeu_ps(scores + g * num_keys + j0, (__mmask16)((1u << count) - 1), dots);
             }
         }
         for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
