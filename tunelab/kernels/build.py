@@ -74,3 +74,8 @@ def load(name: str, needs: frozenset[str], libraries: tuple[str, ...] = ()) -> c
         log.warning("the %s kernel could not be built, PyTorch's ops run instead: %s",
                     name, getattr(error, "stderr", None) or error)
         return None
+
+
+def address(function: ctypes._CFuncPtr) -> int:
+    """A loaded kernel's entry point as an integer, for `call_list`."""
+    return ctypes.cast(function, ctypes.c_void_p).value

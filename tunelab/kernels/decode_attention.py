@@ -61,3 +61,8 @@ def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_
         raise RuntimeError(f"the decode attention kernel refused its input ({num_seqs} sequences, "
                            f"{num_heads}/{num_kv_heads} heads of {head_dim}, {key_index.shape[1]} keys)")
     return out
+
+
+def address() -> int:
+    """The kernel's entry point, for `call_list` (where the kernel runs)."""
+    return build.address(_function())

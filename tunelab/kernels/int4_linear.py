@@ -95,3 +95,8 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if status != 0:
         raise MemoryError("the int4 kernel could not allocate its buffers")
     return out
+
+
+def address() -> int:
+    """The kernel's entry point, for `call_list` (where the kernel runs)."""
+    return build.address(_function())
