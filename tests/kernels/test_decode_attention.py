@@ -14,6 +14,7 @@ from tunelab.kernels import build, decode_attention as native_attention
 from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
 from tunelab.model.kv_cache import KVCache
 from tunelab.weights.loader import load_weights
+from tiny_models import save_tiny_qwen
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif("avx512f" not in build.cpu_flags(), reason="needs AVX-512")
@@ -25,18 +26,7 @@ DECODE = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
 
 
 def tiny_checkpoint(family: str, path):
-    torch.manual_seed(1)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
-    if family == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, **common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.normal_(0.5 if "norm" in name else 0.0, 0.5)
-    model.save_pretrained(path)
+    save_tiny_qwen(family, path)
     return load_weights(path, "int8")[1]
 
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif("avx512_vnni" not in build.cpu_flags(), reason="
 
 SCRIPT = """
 import sys, torch
-sys.path.insert(0, {here!r})
+sys.path[:0] = [{here!r}, {tests!r}]
 from test_decode_attention import decode_run, tiny_checkpoint
 from tunelab.kernels import int8_linear
 from pathlib import Path
@@ -26,7 +26,8 @@ torch.save({{"logits": logits, "int8_rows": int8_linear.max_rows()}}, {out!r})
 def run(tmp_path: Path, name: str, native: bool) -> dict:
     out, checkpoint = tmp_path / f"{name}.pt", tmp_path / name
     env = dict(os.environ, TUNELAB_NATIVE_KERNELS="1" if native else "0")
-    script = SCRIPT.format(here=str(Path(__file__).parent), checkpoint=str(checkpoint), out=str(out))
+    script = SCRIPT.format(here=str(Path(__file__).parent), tests=str(Path(__file__).parents[1]),
+                           checkpoint=str(checkpoint), out=str(out))
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     return torch.load(out)
 

@@ -16,6 +16,7 @@ from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
 from tunelab.model.decode_plan import DecodePlan
 from tunelab.model.kv_cache import KVCache
 from tunelab.weights.loader import load_weights
+from tiny_models import save_tiny_qwen
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512_vnni"} <= build.cpu_flags(),
@@ -28,18 +29,7 @@ DECODE = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
 
 
 def tiny_checkpoint(family: str, path) -> None:
-    torch.manual_seed(2)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
-    if family == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, **common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.normal_(0.5 if "norm" in name else 0.0, 0.5)
-    model.save_pretrained(path)
+    save_tiny_qwen(family, path, seed=2)
 
 
 def prefilled(model) -> KVCache:
@@ -107,3 +97,30 @@ def test_a_plan_refuses_another_batch_size_and_a_bad_slot(tmp_path):
     with pytest.raises(RuntimeError, match="refused by its kernel"):
         plan.run(torch.tensor([1, 2]), bad)
     assert torch.equal(cache.k, before)  # the kernel checks slots before it writes anything
+
+
+def test_the_engine_replays_plans_and_samples_the_same_tokens(smollm2_path):
+    from tunelab.engine.request import Request
+    from tunelab.runtime import open_model
+    from tunelab.sampling.params import SamplingParams
+
+    runtime = open_model(str(smollm2_path), options={"dtype": "int8"}, max_num_seqs=3, quiet=True)
+    engine = runtime.engine
+    prompts = [runtime.tokenizer.encode(text) for text in ("def fib(n):", "The lighthouse keeper", "Once upon a")]
+
+    def generate() -> list[list[int]]:
+        requests = [Request(prompt_ids=p, params=SamplingParams(temperature=0.8, top_k=40).with_seed(i),
+                            max_new_tokens=12) for i, p in enumerate(prompts)]
+        for request in requests:
+            engine.submit(request)
+        tokens = {r.request_id: [] for r in requests}
+        while engine.scheduler.has_work():
+            for event in engine.step():
+                if event.token_id is not None:
+                    tokens[event.request_id].append(event.token_id)
+        return [tokens[r.request_id] for r in requests]
+
+    planned = generate()
+    assert engine.runner._plans and all(plan is not None for plan in engine.runner._plans.values())
+    engine.runner.capture_decode = False
+    assert generate() == planned
