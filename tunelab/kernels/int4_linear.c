@@ -1,14 +1,16 @@
-/* 4-bit weights in groups of 32 x bfloat16 activations, with AVX-512 VNNI, for any number of rows.
+/* 4-bit weights in groups of 32 x bfloat16 activations: AVX-512 VNNI for a few rows, AMX tiles from 16.
  *
  * A weight is w = code * scale + minimum, code in 0..15, one (scale, minimum) pair of fp16 values per
- * output row and group of 32 inputs: GGML's Q4_1 block, held exactly. Each activation row is quantized
- * per group of 32 too, as llama.cpp does for its 4-bit dot products: q = round(x / a), a = max|x| / 127.
- * Then for one output and one group
+ * output row and group of 32 inputs: GGML's Q4_1 block, held exactly. Each activation row is written,
+ * per group of 32, as two int8 rows as int8_linear.c does per row: hi = round(x / a) with
+ * a = max|x| / 127, and lo = the remainder in steps of a / 254, so x = a * (hi + lo / 254) to within
+ * max|x| / 64516, finer than bfloat16 itself. Then for one output and one group
  *
- *     sum_k w_k x_k = a * (scale * sum_k code_k q_k + minimum * sum_k q_k),
+ *     sum_k w_k x_k = a * (scale * (sum code * hi + sum code * lo / 254) + minimum * (sum hi + sum lo / 254)),
  *
- * the first sum exact in int32 (`vpdpbusd`: unsigned codes times signed q), the rest in float32. A row's
- * result depends only on that row, so it is the same bits alone or in any batch.
+ * the sums over codes exact in int32 (`vpdpbusd`: unsigned codes times signed activations), the rest in
+ * float32. A row's result depends only on that row, so it is the same bits alone or in any batch, on
+ * either path.
  *
  * Layout (`Int4Linear`, quantized.py): for each strip of 16 output rows and each group of 32 inputs, a
  * block of 320 bytes: four 64-byte vectors of codes, then the 16 scales, then the 16 minimums (fp16).
