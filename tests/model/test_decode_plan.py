@@ -83,6 +83,14 @@ def test_no_plan_where_a_piece_has_no_kernel(tmp_path):
     assert DecodePlan.capture(load_weights(tmp_path, torch.bfloat16)[1], prefilled(model), 3) is None  # no int layers
 
 
+def test_no_plan_for_a_mixture_of_experts(build_hf_model):
+    path, _ = build_hf_model("qwen3_moe_topk_renormalised")
+    model = load_weights(path, "int8")[1]  # experts route tokens in PyTorch
+    config = model.config
+    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    assert DecodePlan.capture(model, cache, 2) is None
+
+
 def test_a_plan_refuses_another_batch_size_and_a_bad_slot(tmp_path):
     tiny_checkpoint("qwen2", tmp_path)
     model = load_weights(tmp_path, "int8")[1]

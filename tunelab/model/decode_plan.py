@@ -43,14 +43,14 @@ def _runs_native(linear, rows: int) -> bool:
 def _capturable(model: Transformer, kv_cache: KVCache, rows: int) -> bool:
     config = model.config
     layers = list(model.model.layers)
+    if not (call_list.available() and all(isinstance(layer.mlp, GatedMLP) for layer in layers)):
+        return False  # MoE layers route tokens in PyTorch
     norms = [model.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     linears = [model.lm_head] + [p for layer in layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj)
-                                 if isinstance(layer.mlp, GatedMLP)]
+                                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     qk_norms = [n.weight for layer in layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n is not None]
-    return (call_list.available() and native_norm.supports(torch.bfloat16)
+    return (native_norm.supports(torch.bfloat16)
             and native_attention.supports(config.head_dim, torch.bfloat16, kv_cache.k.dtype)
-            and all(isinstance(layer.mlp, GatedMLP) for layer in layers)
             and all(n.weight.dtype == torch.bfloat16 for n in norms)
             and all(w.dtype == torch.bfloat16 for w in qk_norms)
             and all(_runs_native(linear, rows) for linear in linears))
