@@ -2,8 +2,9 @@
 
 The weights keep GGML's Q4_1 arithmetic, w = code * scale + minimum with fp16 scale and minimum, so a
 Q4_1 file's blocks are held exactly; the kernel writes activations per group of 32 as two int8 rows
-(finer than bfloat16) and does the products in exact integers, with AVX-512 VNNI for a few rows and
-AMX tiles from 16, the same bits either way (2-3x PyTorch's int4 kernel: `bench/linear_kernels.py`).
+(x = a * (hi + lo / 16), finer than bfloat16's rounding) and does the products in exact integers, with
+AVX-512 VNNI for a few rows and AMX tiles from 16, the same bits either way (2-4x PyTorch's int4
+kernel: `bench/linear_kernels.py`).
 `pack` builds the kernel's layout from codes, scales and minimums, and `unpack` gives them back (the
 layout is described at the head of the C file).
 """
