@@ -5,7 +5,7 @@ kernel paths are measured), each format's distribution is compared with the floa
 from the same GGUF file: mean KL(float32 || format) and top-1 agreement.
 
 Measured on the project machine with tunelab's kernels (int8 / int4):
-  SmolLM2 Q4_1:     KL 0.0014 / 0.0014, top-1 98.0% / 98.0%  (Q4_1 blocks are held exactly as int4)
+  SmolLM2 Q4_1:     KL 0.0015 / 0.0015, top-1 98.0% / 98.0%  (Q4_1 blocks are held exactly as int4)
   Qwen2.5 0.5B mix: KL 0.0020 / 0.066,  top-1 96.9% / 82%    (Q5_0/Q8_0/Q6_K requantized)
 int8 is held to KL < 0.01 and top-1 >= 95%: bfloat16 activations alone, with the weights not
 rounded at all, agree on only ~97% of Qwen's argmaxes on this kind of text (many near-ties), so
