@@ -33,13 +33,6 @@ from tunelab.weights.quantized import Int4Linear, Int8Linear
 _MOVING_ARGUMENTS = torch.tensor([5, 6, 12, 13, 14, 15]) + 2
 
 
-def _runs_native(linear, rows: int) -> bool:
-    bias_ok = linear.bias is None or linear.bias.dtype == torch.bfloat16
-    if isinstance(linear, Int8Linear):
-        return bias_ok and linear.runs_native(rows, torch.bfloat16)
-    return isinstance(linear, Int4Linear) and linear.native and bias_ok
-
-
 def _capturable(model: Transformer, kv_cache: KVCache, rows: int) -> bool:
     config = model.config
     layers = list(model.model.layers)
@@ -53,7 +46,8 @@ def _capturable(model: Transformer, kv_cache: KVCache, rows: int) -> bool:
             and native_attention.supports(config.head_dim, torch.bfloat16, kv_cache.k.dtype)
             and all(n.weight.dtype == torch.bfloat16 for n in norms)
             and all(w.dtype == torch.bfloat16 for w in qk_norms)
-            and all(_runs_native(linear, rows) for linear in linears))
+            and all(isinstance(linear, (Int8Linear, Int4Linear)) and linear.runs_native(rows, torch.bfloat16)
+                    for linear in linears))
 
 
 class DecodePlan:

@@ -391,26 +391,26 @@ class Int4Linear(QuantizedLinear):
         # PyTorch's kernel computes (code - 8) * scale + zero
         self.scales_and_zeros[:, start:start + len(rows)] = torch.stack([scales, minimums + 8 * scales], -1).transpose(0, 1)
 
+    def runs_native(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether tunelab's kernel takes `rows` activation rows of `dtype` (with this layer's bias) here:
+        bfloat16 rows, any number of them, where the kernel runs."""
+        return self.native and dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias  # buffers and parameters are looked up through nn.Module.__getattr__: read each once
-        if not self._runs_native(x.dtype, bias):
+        if not self.runs_native(x.shape[0], x.dtype):
             return super().forward(x)
         if x.dim() == 2:  # the model's rows: no reshapes (a view costs as much as the kernel on a small layer)
-            return native_int4.int4_linear(x, self.weight, bias)  # bias included
-        out = native_int4.int4_linear(x.reshape(-1, self.in_features), self.weight, bias)
+            return native_int4.int4_linear(x, self.weight, self.bias)  # bias included
+        out = native_int4.int4_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """This layer applied to silu(gate) * up, from gate_up [..., 2 * in_features], in one kernel call;
         None where the kernel does not run (the caller computes the product itself)."""
-        bias = self.bias
-        if not self._runs_native(gate_up.dtype, bias):
+        if not self.runs_native(gate_up.shape[0], gate_up.dtype):
             return None
-        out = native_int4.int4_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, bias, swiglu=True)
+        out = native_int4.int4_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, self.bias, swiglu=True)
         return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], self.out_features)
-
-    def _runs_native(self, dtype: torch.dtype, bias: torch.Tensor | None) -> bool:
-        return self.native and dtype == torch.bfloat16 and (bias is None or bias.dtype == dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
