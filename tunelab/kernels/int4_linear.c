@@ -121,16 +121,14 @@ static inline void store_outputs(__m512 out, const uint16_t *bias, int64_t strip
     _mm512_mask_cvtepi32_storeu_epi16(y_row + 16 * strip, 0xffff, rounded);
 }
 
-/* Rows [r0, r0 + R) x the strips [s0, s1) -> y, with the bias added as torch adds it to a bfloat16 output. */
-static inline __attribute__((always_inline)) void rows_x_strips(
-        const uint8_t *w, int64_t groups, int64_t k, int64_t n, int64_t s0, int64_t s1, const int8_t *q,
-        const float *a16, const float *a_sum, int64_t r0, const uint16_t *bias, uint16_t *y, int R) {
-    for (int64_t strip = s0; strip < s1; strip++) {
-        __m512 out[ROW_BLOCK];
-        strip_rows(w + strip * groups * BLOCK_BYTES, groups, k, q + 2 * r0 * k, a16 + r0 * groups, a_sum + r0 * groups,
-                   R, out);
-        for (int r = 0; r < R; r++) store_outputs(out[r], bias, strip, y + (r0 + r) * n);
-    }
+/* Rows [r0, r0 + R) x one strip -> y, with the bias added as torch adds it to a bfloat16 output. */
+static inline __attribute__((always_inline)) void rows_x_strip(
+        const uint8_t *w, int64_t groups, int64_t k, int64_t n, int64_t strip, const int8_t *q, const float *a16,
+        const float *a_sum, int64_t r0, const uint16_t *bias, uint16_t *y, int R) {
+    __m512 out[ROW_BLOCK];
+    strip_rows(w + strip * groups * BLOCK_BYTES, groups, k, q + 2 * r0 * k, a16 + r0 * groups, a_sum + r0 * groups,
+               R, out);
+    for (int r = 0; r < R; r++) store_outputs(out[r], bias, strip, y + (r0 + r) * n);
 }
 
 #ifdef __AMX_INT8__
@@ -223,7 +221,7 @@ static int gemm_amx(const int8_t *q, int64_t m, int64_t k, const float *a16, con
 #endif
 
 #define ROWS_CASE(R_) \
-    case R_: rows_x_strips(w, groups, k, n, s0, s1, q, a16, a_sum, r0, bias, y, R_); break;
+    case R_: rows_x_strip(w, groups, k, n, strip, q, a16, a_sum, r0, bias, y, R_); break;
 
 /* x [m, k] bfloat16 (or, with `swiglu`, [m, 2k] gate and up halves whose silu(gate) * up is the input),
  * w in the layout above for n outputs (n % 16 == 0, k % 32 == 0), bias [n] bfloat16 or NULL
@@ -265,8 +263,7 @@ int tunelab_int4_linear(const uint16_t *x, int64_t m, int64_t k, const uint8_t *
          * every block of rows passes over it. */
         int threads = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t first = strips * t / threads, last = strips * (t + 1) / threads;
-        for (int64_t s0 = first; s0 < last; s0++) {
-            int64_t s1 = s0 + 1;
+        for (int64_t strip = first; strip < last; strip++) {
             for (int64_t r0 = 0; r0 < m; r0 += ROW_BLOCK) {
                 switch (m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK) {
                     ROWS_CASE(1)
