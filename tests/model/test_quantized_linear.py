@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from tunelab.weights.quantized import (GEMM_ROWS, INT4_GROUP_SIZE, INT_GEMM_ROWS, Int4Linear, Int8Linear,
-                                       QuantizedEmbedding, QuantizedTensor, int8_gemm_two_level, kernel_fits,
-                                       quantize_int4, quantize_int8)
+from tunelab.weights.quantized import (EXACT_GROUP_TYPES, GEMM_ROWS, GROUP_SIZE, INT_GEMM_ROWS, Int4Linear,
+                                       Int8Linear, QuantizedEmbedding, QuantizedTensor, block_groups, group_bits,
+                                       int8_gemm_two_level, kernel_fits, quantize_groups, quantize_int8)
 
 
 def random_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -43,38 +43,51 @@ def test_int8_linear_equals_a_float_matmul_with_its_dequantized_weight(rows):
     torch.testing.assert_close(layer(x).float(), expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
 
 
-def int4_values(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+def group_values(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
     n = codes.shape[0]
-    return (codes.view(n, -1, INT4_GROUP_SIZE).float() * scales[..., None] + minimums[..., None]).view(n, -1)
+    return (codes.view(n, -1, GROUP_SIZE).float() * scales[..., None] + minimums[..., None]).view(n, -1)
 
 
-def test_int4_groups_reconstruct_each_group_within_half_a_step():
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_groups_reconstruct_each_group_within_half_a_step(bits):
     weight = random_weight(32, 128)
-    codes, scales, minimums = quantize_int4(weight)  # [N, K], [N, G], [N, G]
-    assert codes.min() == 0 and codes.max() == 15
+    codes, scales, minimums = quantize_groups(weight, bits)  # [N, K], [N, G], [N, G]
+    top = 2 ** bits - 1
+    assert codes.min() == 0 and codes.max() == top
     assert torch.equal(scales, scales.half().float()) and torch.equal(minimums, minimums.half().float())
-    # half a step, plus the fp16 rounding of the minimum and of the scale (times up to 15 steps)
-    bound = (scales * (0.5 + 15 * 2 ** -11) + minimums.abs() * 2 ** -11 + 1e-6).repeat_interleave(INT4_GROUP_SIZE, 1)
-    assert ((int4_values(codes, scales, minimums) - weight).abs() <= bound).all()
+    # half a step, plus the fp16 rounding of the minimum and of the scale (times up to `top` steps)
+    bound = (scales * (0.5 + top * 2 ** -11) + minimums.abs() * 2 ** -11 + 1e-6).repeat_interleave(GROUP_SIZE, 1)
+    assert ((group_values(codes, scales, minimums) - weight).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("qtype", sorted(EXACT_GROUP_TYPES, key=lambda t: t.name))
+def test_ggml_blocks_give_their_own_codes_and_the_same_values(qtype):
+    values = random_weight(16, 96, seed=7).numpy()
+    values[3, :32] = 0  # an all-zero block: d = 0
+    blocks = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, qtype)).flatten(), qtype, (16, 96))
+    codes, scales, minimums, bits = block_groups(blocks)
+    assert bits == group_bits(qtype) and codes.dtype == torch.uint8 and int(codes.max()) < 2 ** bits
+    # code * scale + minimum is what GGML decodes, bit for bit
+    assert torch.equal(group_values(codes, scales, minimums), blocks.dequantize())
 
 
 def test_int4_holds_q4_1_blocks_exactly():
     values = random_weight(16, 64).numpy()
     q4_1 = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, Q.Q4_1)).flatten(), Q.Q4_1, (16, 64))
     stored = q4_1.dequantize()
-    assert torch.equal(int4_values(*quantize_int4(stored)), stored)
+    assert torch.equal(group_values(*quantize_groups(stored)), stored)
 
 
 def test_int4_refuses_weights_fp16_cannot_hold():
     with pytest.raises(ValueError, match="load this model as int8 or bfloat16"):
-        quantize_int4(torch.full((16, 32), 1e6))
+        quantize_groups(torch.full((16, 32), 1e6))
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64], ids=lambda m: f"M{m}")
 def test_int4_linear_equals_a_float_matmul_with_its_groups(rows):
     weight = random_weight(64, 96)
     layer = Int4Linear.from_rows([weight], 64, 96)
-    dequantized = int4_values(*quantize_int4(weight))  # PyTorch's kernel, where tunelab's does not run, rounds
+    dequantized = group_values(*quantize_groups(weight))  # PyTorch's kernel, where tunelab's does not run, rounds
     # scales and zeros to bfloat16: within the tolerance below
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
     expected = x.float() @ dequantized.T

@@ -4,12 +4,14 @@ Over 256 positions of real prose (192 through prefill, then 64 decoded one token
 kernel paths are measured), each format's distribution is compared with the float32 model built
 from the same GGUF file: mean KL(float32 || format) and top-1 agreement.
 
-Measured on the project machine with tunelab's kernels (int8 / int4):
-  SmolLM2 Q4_1:     KL 0.0015 / 0.0015, top-1 98.0% / 98.0%  (Q4_1 blocks are held exactly as int4)
-  Qwen2.5 0.5B mix: KL 0.0020 / 0.066,  top-1 96.9% / 82%    (Q5_0/Q8_0/Q6_K requantized)
-int8 is held to KL < 0.01 and top-1 >= 95%: bfloat16 activations alone, with the weights not
-rounded at all, agree on only ~97% of Qwen's argmaxes on this kind of text (many near-ties), so
-97% is not a margin int8 can keep on every text. int4 must stay a usable model (KL < 0.1).
+Measured on the project machine with tunelab's kernels (int8 / int4), and the model in bfloat16:
+  SmolLM2 Q4_1:     KL 0.0005 / 0.0005, top-1 96.9% / 96.9%;  bfloat16 KL 0.0005, top-1 96.9%
+  Qwen2.5 0.5B mix: KL 0.0017 / 0.067,  top-1 98.0% / 82.4%;  bfloat16 KL 0.0004, top-1 98.0%
+(Q4_1 blocks and Q8_0 LM heads are held exactly; Qwen's Q5_0/Q6_K layers are int8 rows.)
+Top-1 agreement is bounded by the bfloat16 activations every format runs with: the positions where
+SmolLM2 in bfloat16 picks another token than in float32 have float32 top-2 gaps of 0.005-0.17 nats,
+and int8 disagrees on the same ones. So int8 is held to 97%, or to bfloat16's own agreement where
+that is lower, and to KL < 0.01; int4 must stay a usable model (KL < 0.1).
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def reference(request):
     return path, ids, next_token_logits(model, ids)
 
 
+@pytest.fixture(scope="module")
+def bfloat16_agreement(reference) -> float:
+    """Top-1 agreement of the same model in bfloat16 (weights decoded, not re-rounded) with float32."""
+    path, ids, expected = reference
+    kl, top1 = divergence(expected, next_token_logits(load_weights(path, torch.bfloat16)[1], ids))
+    print(f"\n{path.name[:16]} bfloat16: mean KL {kl:.4f}, top-1 agreement {top1:.1%}")
+    return top1
+
+
 def divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """(mean KL(reference || logits), share of positions whose argmax agrees)."""
     log_p, log_q = F.log_softmax(reference_logits, dim=-1), F.log_softmax(logits, dim=-1)
@@ -74,16 +85,18 @@ def divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[fl
     return kl, (reference_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
 
-def test_int8_stays_close_to_float32(reference):
+def test_int8_stays_close_to_float32(reference, bfloat16_agreement):
     path, ids, expected = reference
     kl, top1 = divergence(expected, next_token_logits(load_weights(path, "int8")[1], ids))
     print(f"\n{path.name[:16]} int8: mean KL {kl:.4f}, top-1 agreement {top1:.1%}")
     assert kl < 0.01
-    # Measured: Qwen2.5 0.5B 96.9% (KL 0.0020), SmolLM2 98.0% with tunelab's kernels (every row through
-    # the two-level integer path, float32 residual stream); 96.1% with PyTorch's kernels alone. Agreement
-    # near 97% moves by a position or two with last-bit changes (bfloat16 activations alone agree on ~97%),
-    # so the floor sits below it; what limits it is re-quantizing Q5_0's per-block scales to one per row.
-    assert top1 >= (0.96 if native_int8.max_rows() is None else 0.95)
+    # Measured: Qwen2.5 0.5B 98.0% (KL 0.0017; 96.9% with its Q8_0 LM head re-rounded to int8 rows),
+    # SmolLM2 96.9%, as the model in bfloat16 agrees. PyTorch's kernels alone, where tunelab's do not
+    # run, take activations in fewer levels: they are held to 95%.
+    if native_int8.max_rows() is None:
+        assert top1 >= 0.95
+    else:
+        assert top1 >= min(0.97, bfloat16_agreement)
 
 
 def test_int4_stays_a_usable_model(reference):

@@ -12,12 +12,13 @@
 
 #define FIELDS 24
 
-enum { ADD_RMS_NORM = 1, INT8_LINEAR = 2, INT4_LINEAR = 3, DECODE_ATTENTION = 4 };
+enum { ADD_RMS_NORM = 1, INT8_LINEAR = 2, GROUPED_LINEAR = 3, DECODE_ATTENTION = 4 };
 
 typedef void (*add_rms_norm_fn)(const void *, const void *, void *, int64_t, int64_t, const void *, float, void *);
 typedef int (*int8_linear_fn)(const void *, int64_t, int64_t, const void *, int64_t, const void *, const void *, int,
                               int, void *);
-typedef int (*int4_linear_fn)(const void *, int64_t, int64_t, const void *, int64_t, const void *, int, void *);
+typedef int (*grouped_linear_fn)(const void *, int64_t, int64_t, const void *, int64_t, const void *, int, int,
+                                 void *);
 typedef int (*decode_attention_fn)(const void *, int64_t, int64_t, int64_t, int64_t, const void *, const void *,
                                    const void *, const void *, float, void *, void *, const void *, const void *,
                                    int64_t, const void *, int64_t, void *);
@@ -45,8 +46,8 @@ int64_t tunelab_run_calls(const int64_t *calls, int64_t count) {
         case INT8_LINEAR:
             status = ((int8_linear_fn)function)(P(0), a[1], a[2], P(3), a[4], P(5), P(6), (int)a[7], (int)a[8], P(9));
             break;
-        case INT4_LINEAR:
-            status = ((int4_linear_fn)function)(P(0), a[1], a[2], P(3), a[4], P(5), (int)a[6], P(7));
+        case GROUPED_LINEAR:
+            status = ((grouped_linear_fn)function)(P(0), a[1], a[2], P(3), a[4], P(5), (int)a[6], (int)a[7], P(8));
             break;
         case DECODE_ATTENTION:
             status = ((decode_attention_fn)function)(P(0), a[1], a[2], a[3], a[4], P(5), P(6), P(7), P(8),

@@ -16,7 +16,7 @@ import torch
 from tunelab.kernels import build
 
 FIELDS = 24  # kind, address, up to 22 arguments
-ADD_RMS_NORM, INT8_LINEAR, INT4_LINEAR, DECODE_ATTENTION = 1, 2, 3, 4
+ADD_RMS_NORM, INT8_LINEAR, GROUPED_LINEAR, DECODE_ATTENTION = 1, 2, 3, 4
 
 
 @functools.cache

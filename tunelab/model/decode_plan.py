@@ -10,7 +10,7 @@ this step's RoPE tables, cache slots and key index, and runs the list with one c
 It runs the same kernels on the same values in the same order as `Transformer.forward` does, so the
 logits are the same bits (tests/model/test_decode_plan.py). A model is captured only where every
 piece has a native kernel: bfloat16 rows, dense SwiGLU layers whose projections and LM head are
-tunelab's int8 or int4 layers, native norms and decode attention; otherwise `capture` gives None and
+tunelab's int8 or grouped layers, native norms and decode attention; otherwise `capture` gives None and
 the step runs eagerly. A plan holds its model's weight addresses: capture after loading.
 """
 
@@ -20,14 +20,14 @@ import torch
 
 from tunelab.kernels import call_list
 from tunelab.kernels import decode_attention as native_attention
-from tunelab.kernels import int4_linear as native_int4
+from tunelab.kernels import grouped_linear as native_grouped
 from tunelab.kernels import int8_linear as native_int8
 from tunelab.kernels import rms_norm as native_norm
 from tunelab.model.attention_batch import AttentionBatch
 from tunelab.model.kv_cache import KVCache
 from tunelab.model.layers import GatedMLP, RMSNorm
 from tunelab.model.transformer import Transformer
-from tunelab.weights.quantized import Int4Linear, Int8Linear
+from tunelab.weights.quantized import GroupedLinear, Int8Linear
 
 # The decode attention arguments that change every step: cos, sin, slots, key index, its row length, positions.
 _MOVING_ARGUMENTS = torch.tensor([5, 6, 12, 13, 14, 15]) + 2
@@ -46,7 +46,7 @@ def _capturable(model: Transformer, kv_cache: KVCache, rows: int) -> bool:
             and native_attention.supports(config.head_dim, torch.bfloat16, kv_cache.k.dtype)
             and all(n.weight.dtype == torch.bfloat16 for n in norms)
             and all(w.dtype == torch.bfloat16 for w in qk_norms)
-            and all(isinstance(linear, (Int8Linear, Int4Linear)) and linear.runs_native(rows, torch.bfloat16)
+            and all(isinstance(linear, (Int8Linear, GroupedLinear)) and linear.runs_native(rows, torch.bfloat16)
                     for linear in linears))
 
 
@@ -118,8 +118,8 @@ class DecodePlan:
             return call_list.row(call_list.INT8_LINEAR, native_int8.address(), x.data_ptr(), m, k,
                                  linear.weight.data_ptr(), n, linear.scales.data_ptr(), bias, swiglu, linear.packed,
                                  out.data_ptr())
-        return call_list.row(call_list.INT4_LINEAR, native_int4.address(), x.data_ptr(), m, k, linear.weight.data_ptr(),
-                             n, bias, swiglu, out.data_ptr())
+        return call_list.row(call_list.GROUPED_LINEAR, native_grouped.address(), x.data_ptr(), m, k,
+                             linear.weight.data_ptr(), n, bias, swiglu, linear.bits, out.data_ptr())
 
     def run(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """input_ids [rows] of a decode batch of `rows` sequences -> float32 logits [rows, vocab]."""

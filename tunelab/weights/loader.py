@@ -27,13 +27,19 @@ from tunelab.model.layers import FUSED_PROJECTIONS
 from tunelab.model.transformer import Transformer
 from tunelab.weights.gguf_file import GGUFFile, unpermute_llama_qk
 from tunelab.weights.hf_checkpoint import HFCheckpoint
-from tunelab.weights.quantized import (INT4_EXACT_TYPES, QUANTIZED_LINEAR, Int8Linear, QuantizedEmbedding,
-                                       QuantizedTensor, kernel_fits)
+from tunelab.kernels import grouped_linear as native_grouped
+from tunelab.weights.quantized import (EXACT_GROUP_TYPES, QUANTIZED_LINEAR, Int8Linear, QuantizedEmbedding,
+                                       QuantizedTensor, group_bits, kernel_fits)
 
 # How weights are held: a float dtype for everything, or the linear layers quantized:
-#   "int8": int8 rows, except GGML types that int4 groups hold exactly (Q4_1), which stay 4-bit;
-#   "int4": int4 groups of 32, except the LM head, which stays int8 (as llama.cpp's Q4_K_M keeps
-#           its output layer at 6 bits: next-token ranking is most sensitive there).
+#   "int8": int8 rows, except Q4_0/Q4_1 blocks, which 4-bit groups hold as they are, and the LM head,
+#           which keeps the file's codes wherever groups of 32 hold them exactly (Q4_0 to Q5_1, Q8_0);
+#   "int4": int4 groups of 32, except the LM head, which is kept as "int8" keeps it (as llama.cpp's
+#           Q4_K_M keeps its output layer at 6 bits: next-token ranking is most sensitive there).
+# Why the head alone: per-row int8 re-rounds each 32-value block of the file, and in the head that
+# alone moves Qwen2.5 0.5B's argmax on 1% of positions (tests/weights/test_quantized_accuracy.py).
+# Layers keep int8 rows, as exact 5- and 8-bit groups would hold them too: groups pay a float combine
+# per 32 inputs, which at prompt lengths runs 2-3x slower than int8 rows (bench/linear_kernels.py).
 WeightFormat = torch.dtype | str
 QUANTIZED_FORMATS = ("int8", "int4")
 QUANTIZED_COMPUTE_DTYPE = torch.bfloat16  # the int8/int4 CPU kernels run fastest on bfloat16 activations
@@ -134,7 +140,7 @@ class _Placer:
                 return
             parts = [shards[i] for i in range(len(shards))]
             del self.shards[name]
-            value = torch.cat([_to_float(p, torch.float32) for p in parts])
+            value = _concatenate(parts)
         self._check_shape(name, value)
         if name == "model.embed_tokens.weight":
             self._place_embedding(value)
@@ -151,10 +157,12 @@ class _Placer:
         """The kernel layout for the linear weight at `module_name`, made of `parts` (None: stays float)."""
         if self.quantize is None:
             return None
+        exact = _exact_group_kind(parts)
+        if module_name == "lm_head":
+            return exact or "int8"
         if self.quantize == "int4":
-            return "int8" if module_name == "lm_head" else "int4"
-        exact_int4 = all(isinstance(p, QuantizedTensor) and p.qtype in INT4_EXACT_TYPES for p in parts)
-        return "int4" if exact_int4 else "int8"
+            return "int4"
+        return exact if exact == "int4" else "int8"
 
     def _check_shape(self, name: str, value: Value) -> None:
         param = self.params.get(name)
@@ -225,11 +233,29 @@ def _to_float(value: Value, dtype: torch.dtype) -> torch.Tensor:
     return tensor.clone() if tensor.untyped_storage().data_ptr() == value.raw.untyped_storage().data_ptr() else tensor
 
 
-def _row_chunks(value: Value) -> Iterator[torch.Tensor]:
-    """The weight's rows as float32 chunks of CHUNK_ROWS."""
+def _concatenate(parts: list[Value]) -> Value:
+    """Fused shards as one tensor: GGML blocks of one type stay blocks (rows are whole blocks), others float32."""
+    if all(isinstance(p, QuantizedTensor) and p.qtype == parts[0].qtype for p in parts):
+        return QuantizedTensor(torch.cat([p.raw for p in parts]), parts[0].qtype,
+                               (sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    return torch.cat([_to_float(p, torch.float32) for p in parts])
+
+
+def _exact_group_kind(parts: list[Value]) -> str | None:
+    """The grouped layer that holds these GGML blocks exactly with tunelab's kernel, or None."""
+    if not all(isinstance(p, QuantizedTensor) and p.qtype in EXACT_GROUP_TYPES for p in parts):
+        return None
+    bits = max(group_bits(p.qtype) for p in parts)
+    if bits != 4 and not native_grouped.available():
+        return None  # only 4-bit groups have a PyTorch kernel
+    return {4: "int4", 5: "int5", 8: "int8-groups"}[bits]
+
+
+def _row_chunks(value: Value) -> Iterator[Value]:
+    """The weight's rows in chunks of CHUNK_ROWS: GGML blocks stay blocks (the layer converts them), floats float32."""
     for start in range(0, value.shape[0], CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, value.shape[0])
-        yield value.rows(start, stop).dequantize() if isinstance(value, QuantizedTensor) else value[start:stop].float()
+        yield value.rows(start, stop) if isinstance(value, QuantizedTensor) else value[start:stop].float()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -31,7 +31,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from tunelab.kernels import int4_linear as native_int4
+from tunelab.kernels import grouped_linear as native_grouped
 from tunelab.kernels import int8_linear as native_int8
 from tunelab.model.config import ModelConfig
 from tunelab.model.transformer import Transformer
@@ -41,14 +41,14 @@ from tunelab.weights.quantized import QUANTIZED_LINEAR, QuantizedEmbedding, Quan
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 3  # bump when a quantized module's buffers change meaning
+LAYOUT_VERSION = 4  # bump when a quantized module's buffers change meaning
 
 
 def prepared_dir(cache_dir: Path, source: Path, weight_format: str) -> Path:
     """Where the prepared form of `source` in `weight_format` lives (whether or not it exists yet)."""
     stat = source.resolve().stat()
     # Quantized weights are kept in tunelab's kernel layouts where those kernels run.
-    kernels = f"int8-rows-{native_int8.max_rows()}|int4-native-{native_int4.available()}"
+    kernels = f"int8-rows-{native_int8.max_rows()}|grouped-native-{native_grouped.available()}"
     identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{weight_format}|{kernels}|{LAYOUT_VERSION}"
     return cache_dir / f"prepared-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 

@@ -7,12 +7,14 @@ below is one function from blocks `[N, type_size]` uint8 to values
 ggml-quants.c) with the same arithmetic order, so results agree bit for bit.
 
 `QuantizedTensor` holds the raw blocks. GGML's block formats have no PyTorch
-kernel, so at load time each linear weight is converted once to the nearest
-layout that has one: `Int8Linear` (one scale per output row; tunelab's kernel in
-`kernels/int8_linear.c` where it builds, else PyTorch's int8 paths) or `Int4Linear`
-(GGML's Q4_1 groups of 32; tunelab's kernel in `kernels/int4_linear.c` where it builds,
-else `torch._weight_int4pack_mm_for_cpu`).
-Both want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its
+kernel, so at load time each linear weight is converted once to a layout that has
+one: `Int8Linear` (one scale per output row; tunelab's kernel in
+`kernels/int8_linear.c` where it builds, else PyTorch's int8 paths) or a
+`GroupedLinear` (groups of 32 with 4-, 5- or 8-bit codes and a scale and minimum
+each: tunelab's kernel in `kernels/grouped_linear.c`, which holds GGML's 32-value
+blocks exactly; 4 bits also run through `torch._weight_int4pack_mm_for_cpu` where
+that kernel does not build).
+All want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its
 GGML blocks and decodes only the looked-up rows.
 """
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import UnsupportedQuantization
-from tunelab.kernels import int4_linear as native_int4
+from tunelab.kernels import grouped_linear as native_grouped
 from tunelab.kernels import int8_linear as native_int8
 
 
@@ -199,10 +201,7 @@ class QuantizedTensor:
         return QuantizedTensor(self.raw[start * row_bytes:stop * row_bytes], self.qtype, (stop - start, *self.shape[1:]))
 
 
-# GGML types whose blocks int4 groups of 32 hold exactly: a Q4_1 block's codes span 0..15 with
-# fp16 scale d and minimum m, which is what `quantize_int4` finds again from the decoded values.
-INT4_EXACT_TYPES = frozenset({Q.Q4_1})
-INT4_GROUP_SIZE = 32
+GROUP_SIZE = 32  # the grouped layers' group of inputs, as GGML's 32-value blocks
 INT_GEMM_ROWS = 8  # from this many activation rows (batched decode), int8 weights run through an integer GEMM
 GEMM_ROWS = 32  # from this many activation rows (prefill), int8 weights run through a bfloat16 GEMM
 
@@ -214,28 +213,71 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit per group of 32 along K, as GGML's Q4_1: weight [N, K] -> codes [N, K] int32 in
-    0..15, and scales and minimums [N, K / 32] (float32 values that fp16 holds exactly), with
-    weight ~ code * scale + minimum. A Q4_1 block's codes span 0..15, so its decoded values give back
-    its codes, scale and minimum exactly."""
+def quantize_groups(weight: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric `bits`-bit codes per group of 32 along K, as GGML's Q4_1: weight [N, K] -> codes [N, K]
+    int32 in 0 .. 2^bits - 1, and scales and minimums [N, K / 32] (float32 values that fp16 holds
+    exactly), with weight ~ code * scale + minimum. A Q4_1 block's codes span 0..15, so its decoded
+    values give back its codes, scale and minimum exactly."""
     n, k = weight.shape
-    groups = weight.float().view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)  # [N, G, 32]
+    top = (1 << bits) - 1
+    groups = weight.float().view(n, k // GROUP_SIZE, GROUP_SIZE)  # [N, G, 32]
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
-    if not (low.isfinite().all() and high.isfinite().all() and max(-low.min(), high.max()) < 65504):
-        raise ValueError("int4 groups keep their scale and minimum in fp16: weights must be finite and within "
-                         "+-65504; load this model as int8 or bfloat16 instead")
-    scales, minimums = ((high - low) / 15).half().float(), low.half().float()
+    _check_fp16_range(low, high)
+    scales, minimums = ((high - low) / top).half().float(), low.half().float()
     steps = torch.where(scales > 0, scales, 1.0)
-    codes = ((groups - minimums[..., None]) / steps[..., None]).round_().clamp_(0, 15)
+    codes = ((groups - minimums[..., None]) / steps[..., None]).round_().clamp_(0, top)
     return codes.to(torch.int32).view(n, k), scales, minimums
 
 
+def _check_fp16_range(*values: torch.Tensor) -> None:
+    if not all(v.isfinite().all() and v.abs().max() < 65504 for v in values):
+        raise ValueError("grouped weights keep their scale and minimum in fp16: weights must be finite and within "
+                         "+-65504; load this model as int8 or bfloat16 instead")
+
+
+# GGML's 32-value blocks as groups: code bits, and (offset of the fp16 scale d, of the fp16 minimum m or
+# None, of the 4 bytes of fifth bits or None, of the codes). Blocks without m store w = d * (q - offset),
+# that is, minimum = -offset * d.
+_GROUP_BLOCKS = {
+    Q.Q4_0: (4, 0, None, None, 2, 8),
+    Q.Q4_1: (4, 0, 2, None, 4, 0),
+    Q.Q5_0: (5, 0, None, 2, 6, 16),
+    Q.Q5_1: (5, 0, 2, 4, 8, 0),
+    Q.Q8_0: (8, 0, None, None, 2, 128),
+}
+EXACT_GROUP_TYPES = frozenset(_GROUP_BLOCKS)
+
+
+def group_bits(qtype: Q) -> int:
+    """The code width of one of EXACT_GROUP_TYPES."""
+    return _GROUP_BLOCKS[qtype][0]
+
+
+def block_groups(tensor: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensor [N, K] -> its exact codes [N, K] uint8 (0 .. 2^bits - 1), scales
+    and minimums [N, K / 32] float32 (fp16 values), and the code width: code * scale + minimum is the
+    value GGML decodes, bit for bit."""
+    bits, d_at, m_at, fifth_at, codes_at, offset = _GROUP_BLOCKS[tensor.qtype]
+    n, k = tensor.shape
+    b = tensor.raw.view(-1, GGML_QUANT_SIZES[tensor.qtype][1])  # [blocks, type_size]
+    d = _f16(b[:, d_at:d_at + 2])
+    if bits == 8:
+        codes = (b[:, codes_at:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    else:
+        codes = _unpack(b[:, codes_at:codes_at + 16], 4).flatten(1)  # [blocks, 32]: low nibbles, then high
+        if fifth_at is not None:
+            codes = codes | (_unpack(b[:, fifth_at:fifth_at + 4], 1, dim=-1).flatten(1) << 4)
+    minimums = _f16(b[:, m_at:m_at + 2]) if m_at is not None else -offset * d
+    _check_fp16_range(minimums)
+    return codes.reshape(n, k), d.view(n, k // GROUP_SIZE), minimums.view(n, k // GROUP_SIZE), bits
+
+
 def kernel_fits(kind: str, out_features: int, in_features: int) -> bool:
-    """Whether the CPU kernel for `kind` takes this weight shape (others crash inside the kernel)."""
-    if kind == "int4":
-        return in_features % INT4_GROUP_SIZE == 0 and out_features % 16 == 0
-    return in_features % 32 == 0
+    """Whether a CPU kernel for `kind` runs this weight shape here (others crash inside the kernel)."""
+    if kind == "int8":
+        return in_features % 32 == 0
+    needs_native = QUANTIZED_LINEAR[kind].bits != 4  # 4-bit groups also have PyTorch's kernel
+    return native_grouped.fits(out_features, in_features) and (native_grouped.available() or not needs_native)
 
 
 class QuantizedLinear(nn.Module, ABC):
@@ -251,9 +293,10 @@ class QuantizedLinear(nn.Module, ABC):
         self.register_parameter("bias", None)
 
     @classmethod
-    def from_rows(cls, chunks: Iterable[torch.Tensor], out_features: int, in_features: int,
+    def from_rows(cls, chunks: Iterable["torch.Tensor | QuantizedTensor"], out_features: int, in_features: int,
                   dtype: torch.dtype = torch.bfloat16) -> "QuantizedLinear":
-        """Quantize a weight arriving as float row chunks, so the whole weight is never held in float."""
+        """Quantize a weight arriving as row chunks (float, or GGML blocks), so the whole weight is never
+        held in float."""
         layer = cls(out_features, in_features, dtype)
         start = 0
         for chunk in chunks:
@@ -264,8 +307,8 @@ class QuantizedLinear(nn.Module, ABC):
         return layer
 
     @abstractmethod
-    def store_rows(self, start: int, rows: torch.Tensor) -> None:
-        """Quantize float rows [n, K] into rows start..start+n-1."""
+    def store_rows(self, start: int, rows: "torch.Tensor | QuantizedTensor") -> None:
+        """Quantize rows [n, K] (float, or GGML blocks) into rows start..start+n-1."""
 
     @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,9 +335,9 @@ class Int8Linear(QuantizedLinear):
     def store_rows(self, start: int, rows: torch.Tensor) -> None:
         if self.packed:
             raise RuntimeError("rows cannot be stored into a packed int8 weight; store them before pack()")
-        codes, scales = quantize_int8(rows)
-        self.weight[start:start + len(rows)] = codes
-        self.scales[start:start + len(rows)] = scales
+        codes, scales = quantize_int8(rows.dequantize() if isinstance(rows, QuantizedTensor) else rows)
+        self.weight[start:start + len(codes)] = codes
+        self.scales[start:start + len(codes)] = scales
 
     def pack(self) -> None:
         """Keep the weight in tunelab's kernel layout where the kernel takes every row count (the
@@ -361,35 +404,42 @@ def int8_gemm_two_level(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return ((sums[:rows] + sums[rows:] / 254) * s * scales.float()).to(x.dtype)
 
 
-class Int4Linear(QuantizedLinear):
-    """4-bit weights in groups of 32, code * scale + minimum (GGML's Q4_1, fp16 scale and minimum): in tunelab's
-    kernel layout ([N / 16, K / 32, 320] uint8) where that kernel runs, else in the layout of PyTorch's
-    `_weight_int4pack_mm_for_cpu` ([N, K / 2] uint8, with bfloat16 scales and zeros [K / 32, N, 2])."""
+class GroupedLinear(QuantizedLinear):
+    """Weights in groups of 32 along K with `bits`-bit codes, code * scale + minimum (fp16 scale and minimum):
+    tunelab's kernel layout ([N / 16, K / 32, block bytes] uint8), which holds GGML's 32-value blocks
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) exactly. 4-bit groups, where that kernel does not run, are kept in the
+    layout of PyTorch's `_weight_int4pack_mm_for_cpu` ([N, K / 2] uint8, with bfloat16 scales and zeros
+    [K / 32, N, 2]); the other widths need the kernel (`kernel_fits`)."""
 
-    kind = "int4"
+    bits: int
     PACK_ROWS = 64  # PyTorch's packer tiles rows by 64: chunks of whole tiles pack as the full weight does
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
         super().__init__(out_features, in_features, dtype)
-        num_groups = in_features // INT4_GROUP_SIZE
-        self.native = native_int4.available()
+        num_groups = in_features // GROUP_SIZE
+        self.native = native_grouped.available()
         if self.native:
-            self.register_buffer("weight", torch.empty(out_features // 16, num_groups, native_int4.BLOCK_BYTES,
-                                                       dtype=torch.uint8))
+            self.register_buffer("weight", torch.empty(out_features // 16, num_groups,
+                                                       native_grouped.BLOCK_BYTES[self.bits], dtype=torch.uint8))
         else:
             self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # [N, K/2]
             self.register_buffer("scales_and_zeros", torch.empty(num_groups, out_features, 2, dtype=dtype))  # [G, N, 2]
 
-    def store_rows(self, start: int, rows: torch.Tensor) -> None:
-        if start % self.PACK_ROWS:
-            raise ValueError(f"int4 rows must be stored in tiles of {self.PACK_ROWS}")
-        codes, scales, minimums = quantize_int4(rows)
+    def store_rows(self, start: int, rows: "torch.Tensor | QuantizedTensor") -> None:
+        if start % (16 if self.native else self.PACK_ROWS):
+            raise ValueError(f"{self.kind} rows must be stored in tiles of {16 if self.native else self.PACK_ROWS}")
+        if isinstance(rows, QuantizedTensor) and rows.qtype in EXACT_GROUP_TYPES \
+                and group_bits(rows.qtype) <= self.bits:
+            codes, scales, minimums, _ = block_groups(rows)  # the file's own codes, not a rounding of its values
+        else:
+            codes, scales, minimums = quantize_groups(rows.dequantize() if isinstance(rows, QuantizedTensor) else rows,
+                                                      self.bits)
         if self.native:
-            self.weight[start // 16:(start + len(rows)) // 16] = native_int4.pack(codes, scales, minimums)
+            self.weight[start // 16:(start + len(codes)) // 16] = native_grouped.pack(codes, scales, minimums, self.bits)
             return
-        self.weight[start:start + len(rows)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        self.weight[start:start + len(codes)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
         # PyTorch's kernel computes (code - 8) * scale + zero
-        self.scales_and_zeros[:, start:start + len(rows)] = torch.stack([scales, minimums + 8 * scales], -1).transpose(0, 1)
+        self.scales_and_zeros[:, start:start + len(codes)] = torch.stack([scales, minimums + 8 * scales], -1).transpose(0, 1)
 
     def runs_native(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether tunelab's kernel takes `rows` activation rows of `dtype` (with this layer's bias) here:
@@ -400,8 +450,8 @@ class Int4Linear(QuantizedLinear):
         if not self.runs_native(x.shape[0], x.dtype):
             return super().forward(x)
         if x.dim() == 2:  # the model's rows: no reshapes (a view costs as much as the kernel on a small layer)
-            return native_int4.int4_linear(x, self.weight, self.bias)  # bias included
-        out = native_int4.int4_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return native_grouped.grouped_linear(x, self.weight, self.bias)  # bias included
+        out = native_grouped.grouped_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
@@ -409,16 +459,37 @@ class Int4Linear(QuantizedLinear):
         None where the kernel does not run (the caller computes the product itself)."""
         if not self.runs_native(gate_up.shape[0], gate_up.dtype):
             return None
-        out = native_int4.int4_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, self.bias, swiglu=True)
+        out = native_grouped.grouped_linear(gate_up.reshape(-1, 2 * self.in_features), self.weight, self.bias,
+                                            swiglu=True)
         return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return native_int4.int4_linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP_SIZE, self.scales_and_zeros)
+            return native_grouped.grouped_linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP_SIZE, self.scales_and_zeros)
 
 
-QUANTIZED_LINEAR: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+class Int4Linear(GroupedLinear):
+    """4-bit groups: GGML's Q4_0 and Q4_1 exactly, and `--dtype int4` for any weight."""
+
+    kind, bits = "int4", 4
+
+
+class Int5Linear(GroupedLinear):
+    """5-bit groups: GGML's Q5_0 and Q5_1 exactly (tunelab's kernel only)."""
+
+    kind, bits = "int5", 5
+
+
+class Int8GroupedLinear(GroupedLinear):
+    """8-bit codes with a scale per group of 32: GGML's Q8_0 exactly, where int8 rows with one scale per
+    output row would round each block's codes again (tunelab's kernel only)."""
+
+    kind, bits = "int8-groups", 8
+
+
+QUANTIZED_LINEAR: dict[str, type[QuantizedLinear]] = {
+    layer.kind: layer for layer in (Int8Linear, Int4Linear, Int5Linear, Int8GroupedLinear)}
 
 
 class QuantizedEmbedding(nn.Module):
