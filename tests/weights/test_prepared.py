@@ -10,7 +10,10 @@ from tunelab.engine.request import Request
 from tunelab.registry.store import Store
 from tunelab.runtime import load_model_files, open_model
 from tunelab.sampling.params import SamplingParams
+from tunelab.weights.gguf_file import GGUFFile
+from tunelab.weights.loader import load_weights
 from tunelab.weights.prepared import load_prepared, prepared_dir
+from tunelab.weights.quantized import GroupedEmbedding, QuantizedEmbedding
 
 
 def greedy_tokens(runtime, prompt: str, count: int = 12) -> list[int]:
@@ -33,11 +36,21 @@ def test_the_second_load_reads_the_prepared_model_and_computes_the_same(tunelab_
     assert all(torch.equal(cold_state[name], warm_state[name]) for name in cold_state)
     assert all(tensor.data_ptr() % 64 == 0 for tensor in warm_state.values())  # the kernels' aligned loads
     assert [type(m).__name__ for m in cold.model.modules()] == [type(m).__name__ for m in warm.model.modules()]
+    for runtime in (cold, warm):  # SmolLM2's tied table is read from its Q8_0 head: held once, saved once
+        assert runtime.model.model.embed_tokens.weight.data_ptr() == runtime.model.lm_head.weight.data_ptr()
     assert warm.tokenizer.encode("def fib(n):\n    return") == cold.tokenizer.encode("def fib(n):\n    return")
     assert warm.tokenizer.stop_token_ids == cold.tokenizer.stop_token_ids
     assert warm.template.render([{"role": "user", "content": "hi"}]) == cold.template.render([{"role": "user", "content": "hi"}])
     prompt = "The lighthouse keeper climbed the stairs"
     assert greedy_tokens(warm, prompt) == greedy_tokens(cold, prompt)
+
+
+def test_a_tied_table_read_from_its_head_gives_the_file_rows(smollm2_path):
+    _, model = load_weights(smollm2_path, "int8")
+    assert isinstance(model.model.embed_tokens, GroupedEmbedding)
+    table = dict(GGUFFile(smollm2_path).quantized_tensors())["model.embed_tokens.weight"]
+    ids = torch.tensor([0, 1, 17, 4095, 4096, 49151, 17])
+    assert torch.equal(model.model.embed_tokens(ids), QuantizedEmbedding(table)(ids))
 
 
 def test_a_damaged_prepared_model_is_converted_again(tunelab_home, smollm2_path, caplog):

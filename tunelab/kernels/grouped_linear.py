@@ -101,6 +101,29 @@ def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return codes, per_row(packed[..., size - 64:size - 32]), per_row(packed[..., size - 32:])
 
 
+def rows_of(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The float32 values [len(rows), K] of output rows `rows` of a packed weight, decoded from their strips
+    alone (a tied embedding's lookup): code * scale + minimum, as `unpack` gives them."""
+    strips, groups, size = packed.shape
+    bits, blocks, c = bits_of(packed), packed[rows // 16], rows % 16  # blocks [T, G, size]
+    t = torch.arange(len(rows))
+    if bits == 8:  # [T, G, i, c, j] -> row c's [T, G, i, j]
+        codes = blocks[..., :512].reshape(-1, groups, 8, 16, 4).permute(0, 3, 1, 2, 4)[t, c]
+    else:
+        code_bytes = blocks[..., :256].reshape(-1, groups, 4, 16, 4).permute(0, 3, 1, 2, 4)[t, c]  # [T, G, i, j]
+        codes = torch.stack([code_bytes & 0x0F, code_bytes >> 4], dim=3)  # [T, G, i, half, j]
+        if bits == 5:  # bit 4c + j of mask (i, half): byte c // 2, bit 4 (c % 2) + j
+            masks = blocks[..., 256:320].reshape(-1, groups, 4, 2, 8).permute(0, 4, 1, 2, 3)[t, c // 2]
+            shifts = (4 * (c % 2))[:, None, None, None, None] + torch.arange(4, dtype=torch.uint8)
+            codes = codes | (((masks[..., None] >> shifts) & 1) << 4)
+    codes = codes.reshape(len(rows), groups, GROUP_SIZE).float()
+
+    def of_row(raw: torch.Tensor) -> torch.Tensor:  # [T, G, 32] bytes -> row c's [T, G, 1] float32
+        return raw.contiguous().view(torch.float16).float()[t, :, c, None]
+
+    return (codes * of_row(blocks[..., size - 64:size - 32]) + of_row(blocks[..., size - 32:])).view(len(rows), -1)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    swiglu: bool = False) -> torch.Tensor:
     """x [M, K] bfloat16 @ the packed weight's [N, K] values .T (+ bias [N] bfloat16) -> [M, N] bfloat16.

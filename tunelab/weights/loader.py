@@ -28,8 +28,8 @@ from tunelab.model.transformer import Transformer
 from tunelab.weights.gguf_file import GGUFFile, unpermute_llama_qk
 from tunelab.weights.hf_checkpoint import HFCheckpoint
 from tunelab.kernels import grouped_linear as native_grouped
-from tunelab.weights.quantized import (EXACT_GROUP_TYPES, QUANTIZED_LINEAR, Int8Linear, QuantizedEmbedding,
-                                       QuantizedTensor, group_bits, kernel_fits)
+from tunelab.weights.quantized import (EXACT_GROUP_TYPES, QUANTIZED_LINEAR, GroupedEmbedding, GroupedLinear,
+                                       Int8Linear, QuantizedEmbedding, QuantizedTensor, group_bits, kernel_fits)
 
 # How weights are held: a float dtype for everything, or the linear layers quantized:
 #   "int8": int8 rows, except Q4_0/Q4_1 blocks, which 4-bit groups hold as they are, and the LM head,
@@ -180,17 +180,23 @@ class _Placer:
         torch.utils.swap_tensors(self.params[name], nn.Parameter(tensor, requires_grad=False))
 
     def _place_embedding(self, value: Value) -> None:
-        """Quantizing, a GGUF table stays in its blocks and a float one is stored as Q8_0."""
-        if isinstance(value, QuantizedTensor) and self.quantize:
-            table = QuantizedTensor(value.raw.clone(), value.qtype, value.shape)  # own memory: the file is let go
-            self.model.model.embed_tokens = QuantizedEmbedding(table, self.dtype)
-        elif self.quantize:
-            self.model.model.embed_tokens = QuantizedEmbedding.from_float(value, self.dtype)
-        else:
+        """Quantizing, a GGUF table stays in its blocks and a float one is stored as Q8_0; a table tied to a
+        head that holds its blocks exactly is read from the head instead of being held twice."""
+        if not self.quantize:
             self._place_float("model.embed_tokens.weight", value)  # a tied lm_head follows the Parameter
             return
         if self.config.tie_word_embeddings:
             self._place_linear("lm_head", value, self._kind("lm_head", [value]))
+            head = self.model.lm_head
+            if (isinstance(head, GroupedLinear) and head.native and isinstance(value, QuantizedTensor)
+                    and value.qtype in EXACT_GROUP_TYPES):
+                self.model.model.embed_tokens = GroupedEmbedding(head.weight, self.dtype)
+                return
+        if isinstance(value, QuantizedTensor):
+            table = QuantizedTensor(value.raw.clone(), value.qtype, value.shape)  # own memory: the file is let go
+            self.model.model.embed_tokens = QuantizedEmbedding(table, self.dtype)
+        else:
+            self.model.model.embed_tokens = QuantizedEmbedding.from_float(value, self.dtype)
 
     def _place_linear(self, module_name: str, value: Value, kind: str | None) -> None:
         """Swap the nn.Linear at `module_name` for a `kind` quantized one; its bias Parameter moves along."""

@@ -37,7 +37,8 @@ from tunelab.model.config import ModelConfig
 from tunelab.model.transformer import Transformer
 from tunelab.tokenizer import Tokenizer
 from tunelab.weights.loader import QUANTIZED_COMPUTE_DTYPE
-from tunelab.weights.quantized import QUANTIZED_LINEAR, QuantizedEmbedding, QuantizedLinear, QuantizedTensor
+from tunelab.weights.quantized import (QUANTIZED_LINEAR, GroupedEmbedding, QuantizedEmbedding, QuantizedLinear,
+                                       QuantizedTensor)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Tra
     temp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
         modules = {name: _describe(module) for name, module in model.named_modules()
-                   if isinstance(module, (QuantizedLinear, QuantizedEmbedding))}
+                   if isinstance(module, (QuantizedLinear, QuantizedEmbedding, GroupedEmbedding))}
         torch.save(model.state_dict(), temp / "weights.pt")
         tokenizer.save_hf_dir(temp / "tokenizer")
         (temp / "source").symlink_to(source.resolve())
@@ -99,6 +100,8 @@ def save_prepared(directory: Path, source: Path, config: ModelConfig, model: Tra
 
 
 def _describe(module: nn.Module) -> dict:
+    if isinstance(module, GroupedEmbedding):  # its weight is the LM head's: saved once, shared again on load
+        return {"kind": "grouped-embedding", "shape": [module.num_embeddings, module.embedding_dim]}
     if isinstance(module, QuantizedEmbedding):
         return {"kind": "embedding", "qtype": module.qtype.name, "shape": [module.num_embeddings, module.embedding_dim]}
     return {"kind": module.kind, "shape": [module.out_features, module.in_features],
@@ -107,6 +110,8 @@ def _describe(module: nn.Module) -> dict:
 
 def _empty_module(spec: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
     """A quantized module of the recorded kind and shape, on `meta`, for `load_state_dict(assign=True)`."""
+    if spec["kind"] == "grouped-embedding":
+        return GroupedEmbedding(tensors[f"{name}.weight"], QUANTIZED_COMPUTE_DTYPE)
     if spec["kind"] == "embedding":
         qtype = GGMLQuantizationType[spec["qtype"]]
         return QuantizedEmbedding(QuantizedTensor(tensors[f"{name}.blocks"].flatten(), qtype, tuple(spec["shape"])),

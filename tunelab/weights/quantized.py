@@ -15,7 +15,8 @@ each: tunelab's kernel in `kernels/grouped_linear.c`, which holds GGML's 32-valu
 blocks exactly; 4 bits also run through `torch._weight_int4pack_mm_for_cpu` where
 that kernel does not build).
 All want bfloat16 activations. `QuantizedEmbedding` keeps the token table in its
-GGML blocks and decodes only the looked-up rows.
+GGML blocks and decodes only the looked-up rows; a table tied to a grouped LM head
+is read from the head's weight instead (`GroupedEmbedding`).
 """
 
 from __future__ import annotations
@@ -513,3 +514,20 @@ class QuantizedEmbedding(nn.Module):
         """ids [T] -> [T, dim] in `dtype`."""
         rows = self.blocks[ids]  # [T, row_bytes]
         return QuantizedTensor(rows.flatten(), self.qtype, (len(ids), self.embedding_dim)).dequantize(self.dtype)
+
+
+class GroupedEmbedding(nn.Module):
+    """A tied token table read from its LM head's grouped weight (tunelab's kernel layout): the head holds
+    the file's blocks exactly, so each row decodes to the values the file's table gives, and the table is
+    not held twice."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.dtype = dtype
+        strips, groups, _ = weight.shape
+        self.num_embeddings, self.embedding_dim = 16 * strips, GROUP_SIZE * groups
+        self.register_buffer("weight", weight)  # the LM head's own tensor
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, dim] in `dtype`."""
+        return native_grouped.rows_of(self.weight, ids).to(self.dtype)
