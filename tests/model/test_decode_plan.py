@@ -2,7 +2,7 @@
 and the same keys and values written to the cache.
 
 Tiny random Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) checkpoints in int8 and int4, and the
-real SmolLM2 (int4 layers, int8 LM head): three sequences on scattered blocks, prefilled eagerly, then
+real SmolLM2 (int4 layers, 8-bit grouped LM head): three sequences on scattered blocks, prefilled eagerly, then
 decoded together step by step, once eagerly and once through the plan, on two copies of the cache.
 """
 

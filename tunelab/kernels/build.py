@@ -3,8 +3,9 @@
 The library is built with the system C compiler for this CPU (`-march=native`) into
 `$TUNELAB_HOME/cache/kernels/`, named by a hash of the source and the headers beside it, the
 flags, the CPU's feature flags and torch's version, and written under a temporary name first,
-so a half-built library is never loaded. It links against the OpenMP runtime torch itself loaded (same `libgomp.so.1`), so
-kernels and torch share one thread pool instead of two pools fighting over the cores.
+so a half-built library is never loaded; it replaces that kernel's earlier builds. It links
+against the OpenMP runtime torch itself loaded (same `libgomp.so.1`), so kernels and torch share
+one thread pool instead of two pools fighting over the cores.
 """
 
 from __future__ import annotations
@@ -69,11 +70,20 @@ def load(name: str, needs: frozenset[str], libraries: tuple[str, ...] = ()) -> c
                 subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), *link],
                                check=True, capture_output=True, text=True, timeout=300)
                 os.replace(built, target)
+            _remove_older_builds(name, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         log.warning("the %s kernel could not be built, PyTorch's ops run instead: %s",
                     name, getattr(error, "stderr", None) or error)
         return None
+
+
+def _remove_older_builds(name: str, current: Path) -> None:
+    """Delete this kernel's builds from other sources, flags or torch versions: each new build replaces
+    them (a process that already loaded one keeps its mapping; one that needs it again rebuilds it)."""
+    for old in current.parent.glob(f"{name}-*.so"):
+        if old != current and old.stem.rpartition("-")[0] == name:
+            old.unlink(missing_ok=True)
 
 
 def address(function: ctypes._CFuncPtr) -> int:

@@ -75,7 +75,7 @@ def load_weights(path: str | Path, dtype: WeightFormat = torch.float32) -> tuple
     placer.check_complete()
     model.setup_buffers()
     del source, placer
-    _return_freed_memory()
+    return_freed_memory()
     return config, model.eval()
 
 
@@ -290,8 +290,9 @@ class _FilePages:
                           self.MADV_DONTNEED)
 
 
-def _return_freed_memory() -> None:
-    """Hand the loader's freed scratch memory back to the OS (glibc keeps freed heap pages otherwise)."""
+def return_freed_memory() -> None:
+    """Hand freed scratch memory (the loader's, a tokenizer parse's) back to the OS: glibc keeps freed heap
+    pages otherwise."""
     gc.collect()
     if hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
