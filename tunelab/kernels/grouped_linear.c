@@ -104,6 +104,24 @@ static inline __attribute__((always_inline)) void codes_of(const uint8_t *block,
     }
 }
 
+/* For R activation rows (q: a group's bytes at this step's inputs, rows 2k apart): the 4 hi bytes at q and
+ * at q + 4 against weight vectors hi_a and hi_b, and the lo bytes (32 further) against lo_a and lo_b, into
+ * acc[0..3]. R is a compile-time constant at every call. */
+static inline __attribute__((always_inline)) void dot_rows(const int8_t *q, int64_t k, int R, __m512i hi_a,
+                                                           __m512i hi_b, __m512i lo_a, __m512i lo_b,
+                                                           __m512i acc[4][ROW_BLOCK]) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        int32_t hi[2], lo[2];
+        memcpy(hi, q + 2 * r * k, 8);
+        memcpy(lo, q + 2 * r * k + 32, 8);
+        acc[0][r] = _mm512_dpbusd_epi32(acc[0][r], hi_a, _mm512_set1_epi32(hi[0]));
+        acc[1][r] = _mm512_dpbusd_epi32(acc[1][r], hi_b, _mm512_set1_epi32(hi[1]));
+        acc[2][r] = _mm512_dpbusd_epi32(acc[2][r], lo_a, _mm512_set1_epi32(lo[0]));
+        acc[3][r] = _mm512_dpbusd_epi32(acc[3][r], lo_b, _mm512_set1_epi32(lo[1]));
+    }
+}
+
 /* R activation rows (q rows of 2k bytes; a_l and a_sum rows of stride `groups`) against one strip:
  * out[r] = the 16 outputs of row r, in float32. R and bits are compile-time constants at every call. */
 static inline __attribute__((always_inline)) void strip_rows(const uint8_t *strip, int64_t groups, int64_t k,
@@ -116,33 +134,18 @@ static inline __attribute__((always_inline)) void strip_rows(const uint8_t *stri
         const uint8_t *block = strip + g * bytes;
         for (int line = 0; line < bytes; line += 64)
             _mm_prefetch((const char *)(block + PREFETCH_AHEAD + line), _MM_HINT_T0);
-        __m512i sums[ROW_BLOCK], lo_sums[ROW_BLOCK]; /* two chains of vpdpbusd, joined (exactly) at the end */
+        /* Four chains of vpdpbusd (hi and lo, each on two halves of the inputs), joined exactly at the end:
+         * one chain would wait on the instruction's latency. */
+        __m512i acc[4][ROW_BLOCK];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) sums[r] = lo_sums[r] = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = acc[2][r] = acc[3][r] = _mm512_setzero_si512();
+        const int8_t *q_group = q + 64 * g;
         if (bits == 8) {
-            /* Vectors in two halves on separate chains: eight dependent vpdpbusd per group would wait on latency. */
-            __m512i odd_sums[ROW_BLOCK], odd_lo_sums[ROW_BLOCK];
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) odd_sums[r] = odd_lo_sums[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int i = 0; i < 8; i += 2) {
                 __m512i even = _mm512_loadu_si512((const void *)(block + 64 * i));
                 __m512i odd = _mm512_loadu_si512((const void *)(block + 64 * i + 64));
-#pragma GCC unroll 4
-                for (int r = 0; r < R; r++) {
-                    int32_t hi[2], lo[2];
-                    memcpy(hi, q + 2 * r * k + 64 * g + 4 * i, 8);
-                    memcpy(lo, q + 2 * r * k + 64 * g + 32 + 4 * i, 8);
-                    sums[r] = _mm512_dpbusd_epi32(sums[r], even, _mm512_set1_epi32(hi[0]));
-                    odd_sums[r] = _mm512_dpbusd_epi32(odd_sums[r], odd, _mm512_set1_epi32(hi[1]));
-                    lo_sums[r] = _mm512_dpbusd_epi32(lo_sums[r], even, _mm512_set1_epi32(lo[0]));
-                    odd_lo_sums[r] = _mm512_dpbusd_epi32(odd_lo_sums[r], odd, _mm512_set1_epi32(lo[1]));
-                }
-            }
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) { /* S = 16 S_hi + S_lo */
-                sums[r] = _mm512_slli_epi32(_mm512_add_epi32(sums[r], odd_sums[r]), 4);
-                lo_sums[r] = _mm512_add_epi32(lo_sums[r], odd_lo_sums[r]);
+                dot_rows(q_group + 4 * i, k, R, even, odd, even, odd, acc);
             }
         } else {
             const int shift = bits == 4 ? 4 : 3; /* L * code = code << shift, within its byte */
@@ -150,25 +153,21 @@ static inline __attribute__((always_inline)) void strip_rows(const uint8_t *stri
             for (int i = 0; i < 4; i++) {
                 __m512i first, second;
                 codes_of(block, i, bits, &first, &second);
-                __m512i first_l = _mm512_slli_epi16(first, shift), second_l = _mm512_slli_epi16(second, shift);
-#pragma GCC unroll 4
-                for (int r = 0; r < R; r++) {
-                    int32_t hi[2], lo[2];
-                    memcpy(hi, q + 2 * r * k + 64 * g + 8 * i, 8);
-                    memcpy(lo, q + 2 * r * k + 64 * g + 32 + 8 * i, 8);
-                    sums[r] = _mm512_dpbusd_epi32(sums[r], first_l, _mm512_set1_epi32(hi[0]));
-                    sums[r] = _mm512_dpbusd_epi32(sums[r], second_l, _mm512_set1_epi32(hi[1]));
-                    lo_sums[r] = _mm512_dpbusd_epi32(lo_sums[r], first, _mm512_set1_epi32(lo[0]));
-                    lo_sums[r] = _mm512_dpbusd_epi32(lo_sums[r], second, _mm512_set1_epi32(lo[1]));
-                }
+                dot_rows(q_group + 8 * i, k, R, _mm512_slli_epi16(first, shift), _mm512_slli_epi16(second, shift),
+                         first, second, acc);
             }
+        }
+        __m512i sums[ROW_BLOCK]; /* S = L * sum code hi + sum code lo (8 bits: the weights are not times L) */
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            __m512i hi = _mm512_add_epi32(acc[0][r], acc[1][r]), lo = _mm512_add_epi32(acc[2][r], acc[3][r]);
+            sums[r] = _mm512_add_epi32(bits == 8 ? _mm512_slli_epi32(hi, 4) : hi, lo);
         }
         __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + bytes - 64)));
         __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + bytes - 32)));
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
-            out[r] = combine(_mm512_add_epi32(sums[r], lo_sums[r]), scale, minimum, a_l[r * groups + g],
-                             a_sum[r * groups + g], out[r]);
+            out[r] = combine(sums[r], scale, minimum, a_l[r * groups + g], a_sum[r * groups + g], out[r]);
     }
 }
 
