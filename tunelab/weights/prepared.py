@@ -42,7 +42,7 @@ from tunelab.weights.quantized import (QUANTIZED_LINEAR, GroupedEmbedding, Quant
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 4  # bump when a quantized module's buffers change meaning
+LAYOUT_VERSION = 4  # bump when a quantized module's buffers change meaning, or the loader picks other layouts
 
 
 def prepared_dir(cache_dir: Path, source: Path, weight_format: str) -> Path:
