@@ -116,6 +116,22 @@ def test_swiglu_input_is_silu_of_gate_times_up(bits, rows):
     torch.testing.assert_close(fused, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 6, 40])
+def test_float32_output_is_what_the_bfloat16_output_rounds(bits, rows):
+    layer, values = random_layer(96, 128, seed=8, bits=bits)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    rounded = layer(x)
+    layer.out_dtype = torch.float32  # as for an LM head: logits keep the kernel's float32 sums
+    logits = layer(x)
+    assert logits.dtype == torch.float32 and torch.equal(logits.bfloat16(), rounded)
+    expected = x.double() @ values.T  # within the activations' two-level rounding, far inside bfloat16's
+    assert ((logits.double() - expected).abs() <= 2e-3 * expected.abs().max()).all()
+    bias = torch.randn(96).bfloat16()
+    with_bias = grouped_linear.grouped_linear(x, layer.weight, bias, out_dtype=torch.float32)
+    assert torch.equal(with_bias, logits + bias.float())
+
+
 def test_rejects_what_it_cannot_run():
     layer, _ = random_layer(32, 64, seed=7)
     with pytest.raises(ValueError, match="rows of 64 columns"):

@@ -38,6 +38,7 @@ def test_the_second_load_reads_the_prepared_model_and_computes_the_same(tunelab_
     assert [type(m).__name__ for m in cold.model.modules()] == [type(m).__name__ for m in warm.model.modules()]
     for runtime in (cold, warm):  # SmolLM2's tied table is read from its Q8_0 head: held once, saved once
         assert runtime.model.model.embed_tokens.weight.data_ptr() == runtime.model.lm_head.weight.data_ptr()
+        assert runtime.model.lm_head.out_dtype == torch.float32  # float32 logits, also after a warm load
     assert warm.tokenizer.encode("def fib(n):\n    return") == cold.tokenizer.encode("def fib(n):\n    return")
     assert warm.tokenizer.stop_token_ids == cold.tokenizer.stop_token_ids
     assert warm.template.render([{"role": "user", "content": "hi"}]) == cold.template.render([{"role": "user", "content": "hi"}])

@@ -5,13 +5,13 @@ kernel paths are measured), each format's distribution is compared with the floa
 from the same GGUF file: mean KL(float32 || format) and top-1 agreement.
 
 Measured on the project machine with tunelab's kernels (int8 / int4), and the model in bfloat16:
-  SmolLM2 Q4_1:     KL 0.0005 / 0.0005, top-1 96.9% / 96.9%;  bfloat16 KL 0.0005, top-1 96.9%
-  Qwen2.5 0.5B mix: KL 0.0017 / 0.067,  top-1 98.0% / 82.4%;  bfloat16 KL 0.0004, top-1 98.0%
-(Q4_1 blocks and Q8_0 LM heads are held exactly; Qwen's Q5_0/Q6_K layers are int8 rows.)
-Top-1 agreement is bounded by the bfloat16 activations every format runs with: the positions where
-SmolLM2 in bfloat16 picks another token than in float32 have float32 top-2 gaps of 0.005-0.17 nats,
-and int8 disagrees on the same ones. So int8 is held to 97%, or to bfloat16's own agreement where
-that is lower, and to KL < 0.01; int4 must stay a usable model (KL < 0.1).
+  SmolLM2 Q4_1:     KL 0.0002 / 0.0002, top-1 98.8% / 98.8%;  bfloat16 KL 0.0005, top-1 96.9%
+  Qwen2.5 0.5B mix: KL 0.0017 / 0.067,  top-1 97.3% / 82.4%;  bfloat16 KL 0.0004, top-1 98.0%
+Q4_1 blocks and Q8_0 LM heads are held exactly, and the head writes float32 logits: bfloat16
+logits (steps of 0.125 near 20) alone cost SmolLM2 1.9 points of agreement, on positions whose
+float32 top-2 gap is below that step. Qwen's Q5_0/Q6_K layers are int8 rows, and its agreement
+moves by a position or two with any last-bit change (many near-ties in this text). int8 is held
+to KL < 0.01 and top-1 >= 97%; int4 must stay a usable model (KL < 0.1).
 """
 
 from __future__ import annotations
@@ -69,15 +69,6 @@ def reference(request):
     return path, ids, next_token_logits(model, ids)
 
 
-@pytest.fixture(scope="module")
-def bfloat16_agreement(reference) -> float:
-    """Top-1 agreement of the same model in bfloat16 (weights decoded, not re-rounded) with float32."""
-    path, ids, expected = reference
-    kl, top1 = divergence(expected, next_token_logits(load_weights(path, torch.bfloat16)[1], ids))
-    print(f"\n{path.name[:16]} bfloat16: mean KL {kl:.4f}, top-1 agreement {top1:.1%}")
-    return top1
-
-
 def divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """(mean KL(reference || logits), share of positions whose argmax agrees)."""
     log_p, log_q = F.log_softmax(reference_logits, dim=-1), F.log_softmax(logits, dim=-1)
@@ -85,18 +76,15 @@ def divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[fl
     return kl, (reference_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
 
-def test_int8_stays_close_to_float32(reference, bfloat16_agreement):
+def test_int8_stays_close_to_float32(reference):
     path, ids, expected = reference
     kl, top1 = divergence(expected, next_token_logits(load_weights(path, "int8")[1], ids))
     print(f"\n{path.name[:16]} int8: mean KL {kl:.4f}, top-1 agreement {top1:.1%}")
     assert kl < 0.01
-    # Measured: Qwen2.5 0.5B 98.0% (KL 0.0017; 96.9% with its Q8_0 LM head re-rounded to int8 rows),
-    # SmolLM2 96.9%, as the model in bfloat16 agrees. PyTorch's kernels alone, where tunelab's do not
-    # run, take activations in fewer levels: they are held to 95%.
-    if native_int8.max_rows() is None:
-        assert top1 >= 0.95
-    else:
-        assert top1 >= min(0.97, bfloat16_agreement)
+    # Measured: SmolLM2 98.8% (KL 0.0002), Qwen2.5 0.5B 97.3% (KL 0.0017). PyTorch's kernels alone,
+    # where tunelab's do not run, take activations in fewer levels and round the logits to bfloat16:
+    # they are held to 95%.
+    assert top1 >= (0.97 if native_int8.max_rows() is not None else 0.95)
 
 
 def test_int4_stays_a_usable_model(reference):

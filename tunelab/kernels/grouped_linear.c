@@ -171,19 +171,27 @@ static inline __attribute__((always_inline)) void strip_rows(const uint8_t *stri
     }
 }
 
-/* A row's 16 outputs of one strip -> bfloat16, with the bias added as torch adds it to a bfloat16 output. */
-static inline void store_outputs(__m512 out, const uint16_t *bias, int64_t strip, uint16_t *y_row) {
+/* A row's 16 outputs of one strip -> row `row` of y: bfloat16, with the bias added as torch adds it to a
+ * bfloat16 output, or with `float_out` float32 (logits), the bias added in float32. */
+static inline void store_outputs(__m512 out, const uint16_t *bias, int64_t strip, void *y, int64_t row, int64_t n,
+                                 int float_out) {
+    if (float_out) {
+        if (bias != NULL) out = _mm512_add_ps(out, load_bf16(bias + 16 * strip, 0xffff));
+        _mm512_storeu_ps((float *)y + row * n + 16 * strip, out);
+        return;
+    }
     __m512i rounded = round_to_bf16(out);
     if (bias != NULL)
         rounded = round_to_bf16(_mm512_add_ps(bf16_bits_to_float(rounded), load_bf16(bias + 16 * strip, 0xffff)));
-    _mm512_mask_cvtepi32_storeu_epi16(y_row + 16 * strip, 0xffff, rounded);
+    _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)y + row * n + 16 * strip, 0xffff, rounded);
 }
 
 /* The few-rows path over strips [first, last): each strip stays in L1 while every block of rows passes over it. */
 static inline __attribute__((always_inline)) void strips_vnni(const uint8_t *w, int64_t groups, int64_t k, int64_t n,
                                                               int64_t first, int64_t last, const int8_t *q,
                                                               const float *a_l, const float *a_sum, int64_t m,
-                                                              const uint16_t *bias, uint16_t *y, int bits) {
+                                                              const uint16_t *bias, int float_out, void *y,
+                                                              int bits) {
     for (int64_t strip = first; strip < last; strip++) {
         const uint8_t *blocks = w + strip * groups * block_bytes(bits);
         for (int64_t r0 = 0; r0 < m; r0 += ROW_BLOCK) {
@@ -197,7 +205,7 @@ static inline __attribute__((always_inline)) void strips_vnni(const uint8_t *w, 
             case 3: strip_rows(blocks, groups, k, q0, a_l0, a_sum0, 3, bits, out); break;
             default: strip_rows(blocks, groups, k, q0, a_l0, a_sum0, 4, bits, out); break;
             }
-            for (int r = 0; r < rows; r++) store_outputs(out[r], bias, strip, y + (r0 + r) * n);
+            for (int r = 0; r < rows; r++) store_outputs(out[r], bias, strip, y, r0 + r, n, float_out);
         }
     }
 }
@@ -206,8 +214,8 @@ static inline __attribute__((always_inline)) void strips_vnni(const uint8_t *w, 
 #define STRIPS_VNNI(BITS)                                                                                         \
     static void strips_vnni_##BITS(const uint8_t *w, int64_t groups, int64_t k, int64_t n, int64_t first,          \
                                    int64_t last, const int8_t *q, const float *a_l, const float *a_sum, int64_t m, \
-                                   const uint16_t *bias, uint16_t *y) {                                            \
-        strips_vnni(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, y, BITS);                                \
+                                   const uint16_t *bias, int float_out, void *y) {                                 \
+        strips_vnni(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, float_out, y, BITS);                     \
     }
 STRIPS_VNNI(4)
 STRIPS_VNNI(5)
@@ -262,7 +270,7 @@ static inline void combine_tile(const int32_t *sums, const int32_t *low_sums, co
 
 /* q: padded rows of 2k bytes (the rows past m zero), a_l and a_sum: m rows; as the VNNI path otherwise. */
 static int gemm_amx(const int8_t *q, int64_t m, int64_t k, const float *a_l, const float *a_sum, const uint8_t *w,
-                    int64_t n, int bits, const uint16_t *bias, uint16_t *y) {
+                    int64_t n, int bits, const uint16_t *bias, int float_out, void *y) {
     int64_t groups = k / GROUP, strips = n / 16, bytes = block_bytes(bits);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -339,7 +347,7 @@ static int gemm_amx(const int8_t *q, int64_t m, int64_t k, const float *a_l, con
                                      rows, out);
                     }
                 }
-                for (int r = 0; r < rows; r++) store_outputs(out[r], bias, strip, y + (r0 + r) * n);
+                for (int r = 0; r < rows; r++) store_outputs(out[r], bias, strip, y, r0 + r, n, float_out);
             }
         }
         if (!failed) _tile_release();
@@ -352,10 +360,10 @@ static int gemm_amx(const int8_t *q, int64_t m, int64_t k, const float *a_l, con
 
 /* x [m, k] bfloat16 (or, with `swiglu`, [m, 2k] gate and up halves whose silu(gate) * up is the input),
  * w in the layout above for n outputs with `bits`-bit codes (n % 16 == 0, k % 32 == 0), bias [n]
- * bfloat16 or NULL -> y [m, n] bfloat16. Returns 0, or -1 for a shape it does not take or a buffer it
- * cannot allocate. */
+ * bfloat16 or NULL -> y [m, n] bfloat16, or with `float_out` float32 (the float32 sums before that
+ * rounding). Returns 0, or -1 for a shape it does not take or a buffer it cannot allocate. */
 int tunelab_grouped_linear(const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                           const uint16_t *bias, int swiglu, int bits, uint16_t *y) {
+                           const uint16_t *bias, int swiglu, int bits, int float_out, void *y) {
     if (m < 1 || n % 16 != 0 || k % GROUP != 0 || (bits != 4 && bits != 5 && bits != 8)) return -1;
     int64_t groups = k / GROUP, strips = n / 16;
     uint16_t *product = swiglu ? malloc(sizeof(uint16_t) * (size_t)(m * k)) : NULL;
@@ -379,7 +387,7 @@ int tunelab_grouped_linear(const uint16_t *x, int64_t m, int64_t k, const uint8_
     int status = 0;
 #ifdef __AMX_INT8__
     if (m >= AMX_MIN_ROWS && amx_permitted()) {
-        status = gemm_amx(q, m, k, a_l, a_sum, w, n, bits, bias, y);
+        status = gemm_amx(q, m, k, a_l, a_sum, w, n, bits, bias, float_out, y);
         goto done;
     }
 #endif
@@ -388,9 +396,9 @@ int tunelab_grouped_linear(const uint16_t *x, int64_t m, int64_t k, const uint8_
         /* Contiguous strips per thread: one sequential stream each. */
         int threads = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t first = strips * t / threads, last = strips * (t + 1) / threads;
-        if (bits == 4) strips_vnni_4(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, y);
-        else if (bits == 5) strips_vnni_5(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, y);
-        else strips_vnni_8(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, y);
+        if (bits == 4) strips_vnni_4(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, float_out, y);
+        else if (bits == 5) strips_vnni_5(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, float_out, y);
+        else strips_vnni_8(w, groups, k, n, first, last, q, a_l, a_sum, m, bias, float_out, y);
     }
 #ifdef __AMX_INT8__
 done:

@@ -35,7 +35,7 @@ def _function():
     function = library.tunelab_grouped_linear
     function.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int, ctypes.c_int, pointer]
+    function.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int, pointer]
     return function
 
 
@@ -125,8 +125,9 @@ def rows_of(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   swiglu: bool = False) -> torch.Tensor:
-    """x [M, K] bfloat16 @ the packed weight's [N, K] values .T (+ bias [N] bfloat16) -> [M, N] bfloat16.
+                   swiglu: bool = False, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bfloat16 @ the packed weight's [N, K] values .T (+ bias [N] bfloat16) -> [M, N] `out_dtype`:
+    bfloat16, or float32 (the sums the bfloat16 output rounds: an LM head's logits keep their precision).
     With `swiglu`, x is [M, 2K], the gate and up projections side by side, and the input is
     silu(gate) * up, computed as PyTorch's bfloat16 ops compute it."""
     # Decode calls this ~120 times a step for a small model: the checks are kept to a few attribute reads.
@@ -142,9 +143,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"the grouped kernel needs rows of {'2 x ' if swiglu else ''}{k} columns, got {tuple(x.shape)}")
     if not x.is_contiguous():
         x = x.contiguous()
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"the grouped kernel writes bfloat16 or float32, not {out_dtype}")
+    out = torch.empty(rows, n, dtype=out_dtype)
     status = function(x.data_ptr(), rows, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
-                      swiglu, _BITS_OF_BLOCK[size], out.data_ptr())
+                      swiglu, _BITS_OF_BLOCK[size], out_dtype == torch.float32, out.data_ptr())
     if status != 0:
         raise MemoryError("the grouped kernel could not allocate its buffers")
     return out

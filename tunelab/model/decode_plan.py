@@ -70,7 +70,7 @@ class DecodePlan:
         attention = buffer(heads * head_dim)
         attention_out, mlp_out = buffer(hidden), buffer(hidden)
         gate_up = buffer(2 * config.intermediate_size)
-        self.logits = buffer(config.vocab_size)
+        self.logits = buffer(config.vocab_size, getattr(model.lm_head, "out_dtype", torch.bfloat16))
 
         calls, attention_rows = [], []
         layers = list(model.model.layers)
@@ -119,7 +119,8 @@ class DecodePlan:
                                  linear.weight.data_ptr(), n, linear.scales.data_ptr(), bias, swiglu, linear.packed,
                                  out.data_ptr())
         return call_list.row(call_list.GROUPED_LINEAR, native_grouped.address(), x.data_ptr(), m, k,
-                             linear.weight.data_ptr(), n, bias, swiglu, linear.bits, out.data_ptr())
+                             linear.weight.data_ptr(), n, bias, swiglu, linear.bits, out.dtype == torch.float32,
+                             out.data_ptr())
 
     def run(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """input_ids [rows] of a decode batch of `rows` sequences -> float32 logits [rows, vocab]."""
@@ -136,4 +137,4 @@ class DecodePlan:
                                key_index.shape[1], positions.data_ptr()])
         self.calls[self.attention_rows[:, None], _MOVING_ARGUMENTS[None, :]] = moving
         call_list.run(self.calls)  # the tensors above stay alive until it returns
-        return self.logits.float()
+        return self.logits.to(torch.float32, copy=True)  # the buffer is the next step's too

@@ -105,7 +105,7 @@ def _describe(module: nn.Module) -> dict:
     if isinstance(module, QuantizedEmbedding):
         return {"kind": "embedding", "qtype": module.qtype.name, "shape": [module.num_embeddings, module.embedding_dim]}
     return {"kind": module.kind, "shape": [module.out_features, module.in_features],
-            "packed": getattr(module, "packed", False)}
+            "packed": getattr(module, "packed", False), "float_output": module.out_dtype == torch.float32}
 
 
 def _empty_module(spec: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
@@ -122,6 +122,8 @@ def _empty_module(spec: dict, tensors: dict[str, torch.Tensor], name: str) -> nn
         layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
     if spec.get("packed"):
         layer.packed = True
+    if spec.get("float_output"):
+        layer.out_dtype = torch.float32
     return layer
 
 

@@ -285,6 +285,9 @@ class QuantizedLinear(nn.Module, ABC):
     """A linear layer whose weights stay packed for a CPU kernel; `bias`, if any, stays a float Parameter."""
 
     kind: str  # the key of QUANTIZED_LINEAR and of `kernel_fits`
+    # What the kernel writes: float32 only where it keeps its float32 sums (grouped layers), set by the
+    # loader for an LM head, whose logits would otherwise be rounded to bfloat16 (steps of 0.125 at 20).
+    out_dtype = torch.bfloat16
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -451,8 +454,9 @@ class GroupedLinear(QuantizedLinear):
         if not self.runs_native(x.shape[0], x.dtype):
             return super().forward(x)
         if x.dim() == 2:  # the model's rows: no reshapes (a view costs as much as the kernel on a small layer)
-            return native_grouped.grouped_linear(x, self.weight, self.bias)  # bias included
-        out = native_grouped.grouped_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return native_grouped.grouped_linear(x, self.weight, self.bias, out_dtype=self.out_dtype)  # bias included
+        out = native_grouped.grouped_linear(x.reshape(-1, self.in_features), self.weight, self.bias,
+                                            out_dtype=self.out_dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
