@@ -110,3 +110,21 @@ def test_shapes_that_do_not_fill_tiles_stay_plain():
     layer = Int8Linear.from_rows([torch.randn(40, 96)], 40, 96)
     layer.pack()
     assert not layer.packed
+
+
+@needs_kernel
+@pytest.mark.parametrize("packed", [False, *([True] if HAS_AMX else [])])
+@pytest.mark.parametrize("rows", [1, 5, *([16, 130] if HAS_AMX else [])])
+def test_float32_output_is_what_the_bfloat16_output_rounds(packed, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-127, 128, (96, 128), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(96, generator=generator) * 0.02 + 1e-4).bfloat16()
+    x = torch.randn(rows, 128, generator=generator).bfloat16()
+    if packed:
+        weight = int8_linear.pack(weight)
+    rounded = int8_linear.int8_linear(x, weight, scales, packed=packed)
+    logits = int8_linear.int8_linear(x, weight, scales, packed=packed, out_dtype=torch.float32)  # an LM head's
+    assert logits.dtype == torch.float32 and torch.equal(logits.bfloat16(), rounded)
+    bias = torch.randn(96).bfloat16()
+    with_bias = int8_linear.int8_linear(x, weight, scales, bias, packed=packed, out_dtype=torch.float32)
+    assert torch.equal(with_bias, logits + bias.float())

@@ -16,7 +16,7 @@ enum { ADD_RMS_NORM = 1, INT8_LINEAR = 2, GROUPED_LINEAR = 3, DECODE_ATTENTION =
 
 typedef void (*add_rms_norm_fn)(const void *, const void *, void *, int64_t, int64_t, const void *, float, void *);
 typedef int (*int8_linear_fn)(const void *, int64_t, int64_t, const void *, int64_t, const void *, const void *, int,
-                              int, void *);
+                              int, int, void *);
 typedef int (*grouped_linear_fn)(const void *, int64_t, int64_t, const void *, int64_t, const void *, int, int, int,
                                  void *);
 typedef int (*decode_attention_fn)(const void *, int64_t, int64_t, int64_t, int64_t, const void *, const void *,
@@ -44,7 +44,8 @@ int64_t tunelab_run_calls(const int64_t *calls, int64_t count) {
             ((add_rms_norm_fn)function)(P(0), P(1), P(2), a[3], a[4], P(5), as_float(a[6]), P(7));
             break;
         case INT8_LINEAR:
-            status = ((int8_linear_fn)function)(P(0), a[1], a[2], P(3), a[4], P(5), P(6), (int)a[7], (int)a[8], P(9));
+            status = ((int8_linear_fn)function)(P(0), a[1], a[2], P(3), a[4], P(5), P(6), (int)a[7], (int)a[8], (int)a[9],
+                                                P(10));
             break;
         case GROUPED_LINEAR:
             status = ((grouped_linear_fn)function)(P(0), a[1], a[2], P(3), a[4], P(5), (int)a[6], (int)a[7], (int)a[8],

@@ -67,12 +67,25 @@ static void split_row(const uint16_t *x, int64_t k, int64_t padded, int8_t *hi, 
     *scale = s;
 }
 
-/* y[m, n] from the exact sums of its hi and lo rows: the float steps of int8_gemm_two_level, in its order. */
-static inline uint16_t combine(int32_t hi_sum, int32_t lo_sum, float s, uint16_t row_scale, const uint16_t *bias) {
-    float v = ((float)hi_sum + (float)lo_sum / 254.0f) * s;
-    uint16_t y = float_to_bf16(v * bf16_to_float(row_scale));
+/* Where the results go: y [m, n] bfloat16, or float32 (an LM head's logits: the sums before that rounding). */
+typedef struct {
+    void *data;
+    int64_t n;
+    int is_float;
+} output;
+
+/* y[row, column] from the exact sums of its hi and lo rows: the float steps of int8_gemm_two_level, in its order. */
+static inline void combine(int32_t hi_sum, int32_t lo_sum, float s, uint16_t row_scale, const uint16_t *bias,
+                           output y, int64_t row, int64_t column) {
+    float v = ((float)hi_sum + (float)lo_sum / 254.0f) * s * bf16_to_float(row_scale);
+    if (y.is_float) {
+        ((float *)y.data)[row * y.n + column] = bias == NULL ? v : v + bf16_to_float(*bias);
+        return;
+    }
+    uint16_t rounded = float_to_bf16(v);
     /* torch adds a bias to the bfloat16 output: one more rounding */
-    return bias == NULL ? y : float_to_bf16(bf16_to_float(y) + bf16_to_float(*bias));
+    ((uint16_t *)y.data)[row * y.n + column] =
+        bias == NULL ? rounded : float_to_bf16(bf16_to_float(rounded) + bf16_to_float(*bias));
 }
 
 /* The m activation rows -> act (hi rows 0..m-1, lo rows m..2m-1, each `padded` long), their sums and s. */
@@ -112,8 +125,8 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *w, int
 
 /* Weight rows [n0, n1) for all M activation rows; NB rows of the weight per pass. */
 static inline __attribute__((always_inline)) void rows_range(
-        const int8_t *w, int64_t k, int64_t n, int64_t n0, int64_t n1, const int8_t *act, int64_t padded,
-        const int32_t *act_sums, const float *s, const uint16_t *scales, const uint16_t *bias, uint16_t *y, int NB,
+        const int8_t *w, int64_t k, int64_t n0, int64_t n1, const int8_t *act, int64_t padded,
+        const int32_t *act_sums, const float *s, const uint16_t *scales, const uint16_t *bias, output y, int NB,
         int M) {
     enum { MAX_R = 14 };
     int32_t sums[4 * MAX_R];
@@ -122,24 +135,23 @@ static inline __attribute__((always_inline)) void rows_range(
         dot_block(w + j * k, k, act, padded, NB, 2 * M, sums);
         for (int b = 0; b < NB; b++)
             for (int m = 0; m < M; m++)
-                y[m * n + j + b] = combine(sums[b * 2 * M + m] - 128 * act_sums[m],
-                                           sums[b * 2 * M + M + m] - 128 * act_sums[M + m], s[m], scales[j + b],
-                                           bias == NULL ? NULL : bias + j + b);
+                combine(sums[b * 2 * M + m] - 128 * act_sums[m], sums[b * 2 * M + M + m] - 128 * act_sums[M + m],
+                        s[m], scales[j + b], bias == NULL ? NULL : bias + j + b, y, m, j + b);
     }
     for (; j < n1; j++) { /* the tail: one weight row at a time */
         dot_block(w + j * k, k, act, padded, 1, 2 * M, sums);
         for (int m = 0; m < M; m++)
-            y[m * n + j] = combine(sums[m] - 128 * act_sums[m], sums[M + m] - 128 * act_sums[M + m], s[m], scales[j],
-                                   bias == NULL ? NULL : bias + j);
+            combine(sums[m] - 128 * act_sums[m], sums[M + m] - 128 * act_sums[M + m], s[m], scales[j],
+                    bias == NULL ? NULL : bias + j, y, m, j);
     }
 }
 
 #define ROWS_CASE(M_, NB_) \
-    case M_: rows_range(w, k, n, n0, n1, act, padded, act_sums, s, scales, bias, y, NB_, M_); break;
+    case M_: rows_range(w, k, n0, n1, act, padded, act_sums, s, scales, bias, y, NB_, M_); break;
 
 /* The few-rows path: one pass over the weights, VNNI dot products for every row at once. */
 static int gemv(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
-                const uint16_t *bias, uint16_t *y) {
+                const uint16_t *bias, output y) {
     int64_t padded = (k + CHUNK - 1) / CHUNK * CHUNK;
     /* rows 0..m-1 are the hi rows, m..2m-1 the lo rows */
     int8_t *act = aligned_alloc(64, (size_t)(2 * m * padded));
@@ -168,20 +180,26 @@ static int gemv(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_
 }
 
 static inline void combine_16v(__m512i hi, __m512i lo, float s, const uint16_t *scales, const uint16_t *bias,
-                               uint16_t *y, int64_t count) {
+                               output y, int64_t row, int64_t c0, int64_t count) {
     __mmask16 mask = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
     __m512 l = _mm512_div_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(254.0f));
     __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(hi), l), _mm512_set1_ps(s)),
                              load_bf16(scales, mask));
+    if (y.is_float) {
+        if (bias != NULL) v = _mm512_add_ps(v, load_bf16(bias, mask));
+        _mm512_mask_storeu_ps((float *)y.data + row * y.n + c0, mask, v);
+        return;
+    }
     __m512i rounded = round_to_bf16(v);
     if (bias != NULL) rounded = round_to_bf16(_mm512_add_ps(bf16_bits_to_float(rounded), load_bf16(bias, mask)));
-    _mm512_mask_cvtepi32_storeu_epi16(y, mask, rounded);
+    _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)y.data + row * y.n + c0, mask, rounded);
 }
 
-/* `combine` for up to 16 columns at once: y[j] from sums hi[j], lo[j] and scales[j], j < count. */
+/* `combine` for up to 16 columns at once: y[row, c0 + j] from sums hi[j], lo[j] and scales[j], j < count. */
 static inline void combine_16(const int32_t *hi, const int32_t *lo, float s, const uint16_t *scales,
-                              const uint16_t *bias, uint16_t *y, int64_t count) {
-    combine_16v(_mm512_loadu_si512((const void *)hi), _mm512_loadu_si512((const void *)lo), s, scales, bias, y, count);
+                              const uint16_t *bias, output y, int64_t row, int64_t c0, int64_t count) {
+    combine_16v(_mm512_loadu_si512((const void *)hi), _mm512_loadu_si512((const void *)lo), s, scales, bias, y, row,
+                c0, count);
 }
 
 /* The packed layout: for each strip of 16 weight rows and each 64 columns, 1 KiB holding 16 rows of
@@ -245,8 +263,8 @@ static inline __attribute__((always_inline)) void packed_strip(const int8_t *str
 }
 
 static inline __attribute__((always_inline)) void packed_strips(
-        const int8_t *w, int64_t blocks, int64_t k, int64_t n, int64_t s0, int64_t s1, const int8_t *act,
-        const int32_t *act_sums, const float *s, const uint16_t *scales, const uint16_t *bias, uint16_t *y, int M) {
+        const int8_t *w, int64_t blocks, int64_t k, int64_t s0, int64_t s1, const int8_t *act,
+        const int32_t *act_sums, const float *s, const uint16_t *scales, const uint16_t *bias, output y, int M) {
     for (int64_t strip = s0; strip < s1; strip++) {
         __m512i acc[14];
         packed_strip(w + strip * blocks * 1024, blocks, act, k, 2 * M, acc);
@@ -254,17 +272,17 @@ static inline __attribute__((always_inline)) void packed_strips(
         for (int m = 0; m < M; m++) {
             __m512i hi = _mm512_sub_epi32(acc[m], _mm512_set1_epi32(128 * act_sums[m]));
             __m512i lo = _mm512_sub_epi32(acc[M + m], _mm512_set1_epi32(128 * act_sums[M + m]));
-            combine_16v(hi, lo, s[m], scales + c0, bias == NULL ? NULL : bias + c0, y + m * n + c0, 16);
+            combine_16v(hi, lo, s[m], scales + c0, bias == NULL ? NULL : bias + c0, y, m, c0, 16);
         }
     }
 }
 
 #define PACKED_CASE(M_) \
-    case M_: packed_strips(w, blocks, k, n, s0, s1, act, act_sums, s, scales, bias, y, M_); break;
+    case M_: packed_strips(w, blocks, k, s0, s1, act, act_sums, s, scales, bias, y, M_); break;
 
 /* The few-rows path on packed weights (n % 16 == 0, k % 64 == 0). */
 static int gemv_packed(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
-                       const uint16_t *bias, uint16_t *y) {
+                       const uint16_t *bias, output y) {
     int8_t *act = aligned_alloc(64, (size_t)(2 * m * k));
     if (act == NULL) return -1;
     int32_t act_sums[2 * GEMV_MAX_ROWS];
@@ -310,7 +328,7 @@ void tunelab_int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
 #define AMX_MAX_ROWS 128 /* rows per pass: 256 int8 activation rows, 1.2 MiB at K = 4864 */
 
 static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const uint16_t *scales,
-                    const uint16_t *bias, int packed, uint16_t *y) {
+                    const uint16_t *bias, int packed, output y) {
     if (!amx_permitted()) return -2;
     int64_t padded = (k + 63) / 64 * 64, blocks = padded / 64;
     int64_t act_rows = (2 * m + 15) / 16 * 16, tiles = act_rows / 16; /* hi rows, lo rows, zero rows */
@@ -384,7 +402,7 @@ static int gemm_amx(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, in
                 int64_t c0 = n0 + 16 * half;
                 for (int64_t r = 0; r < m && rows[half] > 0; r++)
                     combine_16(out + r * 16, out + (m + r) * 16, s[r], scales + c0, bias == NULL ? NULL : bias + c0,
-                               y + r * n + c0, rows[half]);
+                               y, r, c0, rows[half]);
             }
         }
         if (strip != NULL && sums != NULL) _tile_release();
@@ -409,10 +427,10 @@ int tunelab_int8_linear_any_rows(void) {
 
 /* x [m, k] bfloat16 (or, with `swiglu`, [m, 2k] gate and up halves whose silu(gate) * up is the input),
  * w [n, k] int8 (plain, or `packed` by tunelab_int8_pack), scales [n] bfloat16, bias [n] bfloat16 or NULL
- * -> y [m, n] bfloat16, for any m >= 1.
+ * -> y [m, n] bfloat16, or with `float_out` float32 (the float32 values before that rounding), for any m >= 1.
  * Returns 0; -1 when a buffer cannot be allocated; -2 when m > GEMV_MAX_ROWS and AMX is not there. */
 int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-                        const uint16_t *scales, const uint16_t *bias, int swiglu, int packed, uint16_t *y) {
+                        const uint16_t *scales, const uint16_t *bias, int swiglu, int packed, int float_out, void *y) {
     if (packed && (n % 16 != 0 || k % 64 != 0)) return -1;
     if (m < 1) return -1;
 #ifndef __AMX_INT8__
@@ -425,12 +443,15 @@ int tunelab_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *w
         x = product;
     }
     int status = 0;
-    if (m <= GEMV_MAX_ROWS) status = (packed ? gemv_packed : gemv)(x, m, k, w, n, scales, bias, y);
+    output out = {.data = y, .n = n, .is_float = float_out};
+    if (m <= GEMV_MAX_ROWS) status = (packed ? gemv_packed : gemv)(x, m, k, w, n, scales, bias, out);
 #ifdef __AMX_INT8__
     /* Chunks of rows whose int8 activations stay in L2 while every weight strip passes over them. */
-    for (int64_t r = 0; m > GEMV_MAX_ROWS && r < m && status == 0; r += AMX_MAX_ROWS)
-        status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, bias, packed,
-                          y + r * n);
+    for (int64_t r = 0; m > GEMV_MAX_ROWS && r < m && status == 0; r += AMX_MAX_ROWS) {
+        output rows = out; /* from row r on */
+        rows.data = float_out ? (void *)((float *)y + r * n) : (void *)((uint16_t *)y + r * n);
+        status = gemm_amx(x + r * k, m - r < AMX_MAX_ROWS ? m - r : AMX_MAX_ROWS, k, w, n, scales, bias, packed, rows);
+    }
 #endif
     free(product);
     return status;

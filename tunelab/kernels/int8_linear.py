@@ -30,7 +30,8 @@ def _function():
     function = _library().tunelab_int8_linear
     function.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int, ctypes.c_int, pointer]
+    function.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                         pointer]
     return function
 
 
@@ -68,8 +69,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                swiglu: bool = False, packed: bool = False) -> torch.Tensor:
-    """x [M, K] bfloat16 @ (int8 weight [N, K] * scales [N] bfloat16).T (+ bias [N] bfloat16) -> [M, N] bfloat16,
+                swiglu: bool = False, packed: bool = False, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bfloat16 @ (int8 weight [N, K] * scales [N] bfloat16).T (+ bias [N] bfloat16) -> [M, N] `out_dtype`,
+    bfloat16 or float32 (the values the bfloat16 output rounds: an LM head's logits keep their precision),
     where `takes(M)`. With `swiglu`, x is [M, 2K], the gate and up projections side by side, and the
     input is silu(gate) * up, computed as PyTorch's bfloat16 ops compute it. `packed`: the weight is
     in the layout `pack` makes."""
@@ -85,9 +87,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
         raise ValueError(f"the int8 kernel needs {'2 x ' if swiglu else ''}{k} input columns, got {x.shape[1]}")
     x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
     bias = None if bias is None else bias.contiguous()
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"the int8 kernel writes bfloat16 or float32, not {out_dtype}")
+    out = torch.empty(rows, n, dtype=out_dtype)
     status = _function()(x.data_ptr(), rows, k, weight.data_ptr(), n, scales.data_ptr(),
-                         None if bias is None else bias.data_ptr(), int(swiglu), int(packed), out.data_ptr())
+                         None if bias is None else bias.data_ptr(), int(swiglu), int(packed),
+                         int(out_dtype == torch.float32), out.data_ptr())
     if status != 0:
         raise MemoryError("the int8 kernel could not allocate its buffers")
     return out

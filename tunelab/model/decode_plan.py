@@ -70,7 +70,7 @@ class DecodePlan:
         attention = buffer(heads * head_dim)
         attention_out, mlp_out = buffer(hidden), buffer(hidden)
         gate_up = buffer(2 * config.intermediate_size)
-        self.logits = buffer(config.vocab_size, getattr(model.lm_head, "out_dtype", torch.bfloat16))
+        self.logits = buffer(config.vocab_size, model.lm_head.out_dtype)
 
         calls, attention_rows = [], []
         layers = list(model.model.layers)
@@ -117,7 +117,7 @@ class DecodePlan:
         if isinstance(linear, Int8Linear):
             return call_list.row(call_list.INT8_LINEAR, native_int8.address(), x.data_ptr(), m, k,
                                  linear.weight.data_ptr(), n, linear.scales.data_ptr(), bias, swiglu, linear.packed,
-                                 out.data_ptr())
+                                 out.dtype == torch.float32, out.data_ptr())
         return call_list.row(call_list.GROUPED_LINEAR, native_grouped.address(), x.data_ptr(), m, k,
                              linear.weight.data_ptr(), n, bias, swiglu, linear.bits, out.dtype == torch.float32,
                              out.data_ptr())

@@ -208,7 +208,7 @@ class _Placer:
         layer = QUANTIZED_LINEAR[kind].from_rows(_row_chunks(value), old.out_features, old.in_features, self.dtype)
         if isinstance(layer, Int8Linear):
             layer.pack()  # tunelab's kernel layout, where that kernel runs every row count
-        if module_name == "lm_head" and isinstance(layer, GroupedLinear) and layer.native:
+        if module_name == "lm_head":
             layer.out_dtype = torch.float32  # logits straight from the kernel's float32 sums
         layer.bias = old.bias
         parent, _, child = module_name.rpartition(".")

@@ -285,8 +285,8 @@ class QuantizedLinear(nn.Module, ABC):
     """A linear layer whose weights stay packed for a CPU kernel; `bias`, if any, stays a float Parameter."""
 
     kind: str  # the key of QUANTIZED_LINEAR and of `kernel_fits`
-    # What the kernel writes: float32 only where it keeps its float32 sums (grouped layers), set by the
-    # loader for an LM head, whose logits would otherwise be rounded to bfloat16 (steps of 0.125 at 20).
+    # What tunelab's kernels write: bfloat16, or float32 for an LM head (set by the loader), whose logits
+    # would otherwise be rounded to bfloat16 (steps of 0.125 near 20). PyTorch's paths give bfloat16.
     out_dtype = torch.bfloat16
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
@@ -362,7 +362,8 @@ class Int8Linear(QuantizedLinear):
         flat = x.reshape(-1, self.in_features)
         if not self.runs_native(len(flat), x.dtype):
             return super().forward(x)
-        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, packed=self.packed)  # bias included
+        out = native_int8.int8_linear(flat, self.weight, self.scales, self.bias, packed=self.packed,
+                                      out_dtype=self.out_dtype)  # bias included
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
