@@ -1,5 +1,5 @@
 /* Weights in groups of 32 with 4-, 5- or 8-bit codes x bfloat16 activations: AVX-512 VNNI for a few
- * rows, AMX tiles from 16 (4 and 5 bits).
+ * rows, AMX tiles from 16.
  *
  * A weight is w = code * scale + minimum, code in 0 .. 2^bits - 1, one (scale, minimum) pair of fp16
  * values per output row and group of 32 inputs. That holds GGML's 32-value blocks exactly: Q4_1 and
