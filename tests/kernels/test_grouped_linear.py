@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from tunelab.kernels import build, grouped_linear
-from tunelab.weights.quantized import (QUANTIZED_LINEAR, GroupedLinear, Int4Linear, QuantizedTensor, block_groups,
-                                       quantize_groups)
+from tunelab.weights.quantized import (GROUPED_LINEAR as LAYERS, GroupedLinear, Int4Linear, QuantizedTensor,
+                                       block_groups, quantize_groups)
 
 CAN_BUILD = {"avx512f", "avx512bw", "avx512_vnni"} <= build.cpu_flags() and shutil.which("cc") is not None
 pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX-512 VNNI and a C compiler")
-LAYERS = {layer.bits: layer for layer in QUANTIZED_LINEAR.values() if issubclass(layer, GroupedLinear)}
 
 
 def values_of(packed: torch.Tensor) -> torch.Tensor:

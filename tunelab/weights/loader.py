@@ -28,16 +28,18 @@ from tunelab.model.transformer import Transformer
 from tunelab.weights.gguf_file import GGUFFile, unpermute_llama_qk
 from tunelab.weights.hf_checkpoint import HFCheckpoint
 from tunelab.kernels import grouped_linear as native_grouped
-from tunelab.weights.quantized import (EXACT_GROUP_TYPES, QUANTIZED_LINEAR, GroupedEmbedding, GroupedLinear,
-                                       Int8Linear, QuantizedEmbedding, QuantizedTensor, group_bits, kernel_fits)
+from tunelab.weights.quantized import (EXACT_GROUP_TYPES, GROUPED_LINEAR, QUANTIZED_LINEAR, GroupedEmbedding,
+                                       GroupedLinear, Int8Linear, QuantizedEmbedding, QuantizedTensor, group_bits,
+                                       kernel_fits)
 
 # How weights are held: a float dtype for everything, or the linear layers quantized:
 #   "int8": int8 rows, except Q4_0/Q4_1 blocks, which 4-bit groups hold as they are, and the LM head,
 #           which keeps the file's codes wherever groups of 32 hold them exactly (Q4_0 to Q5_1, Q8_0);
 #   "int4": int4 groups of 32, except the LM head, which is kept as "int8" keeps it (as llama.cpp's
 #           Q4_K_M keeps its output layer at 6 bits: next-token ranking is most sensitive there).
-# Why the head alone: per-row int8 re-rounds each 32-value block of the file, and in the head that
-# alone moves Qwen2.5 0.5B's argmax on 1% of positions (tests/weights/test_quantized_accuracy.py).
+# Why the head: per-row int8 re-rounds each 32-value block of the file, and in the head that alone
+# moves Qwen2.5 0.5B's argmax on 1% of positions; the head also writes float32 logits, as bfloat16
+# ones (steps of 0.125 near 20) move SmolLM2's on 2% (tests/weights/test_quantized_accuracy.py).
 # Layers keep int8 rows, as exact 5- and 8-bit groups would hold them too: groups pay a float combine
 # per 32 inputs, which at prompt lengths runs 2-3x slower than int8 rows (bench/linear_kernels.py).
 WeightFormat = torch.dtype | str
@@ -256,7 +258,7 @@ def _exact_group_kind(parts: list[Value]) -> str | None:
     bits = max(group_bits(p.qtype) for p in parts)
     if bits != 4 and not native_grouped.available():
         return None  # only 4-bit groups have a PyTorch kernel
-    return {4: "int4", 5: "int5", 8: "int8-groups"}[bits]
+    return GROUPED_LINEAR[bits].kind
 
 
 def _row_chunks(value: Value) -> Iterator[Value]:

@@ -494,8 +494,9 @@ class Int8GroupedLinear(GroupedLinear):
     kind, bits = "int8-groups", 8
 
 
+GROUPED_LINEAR: dict[int, type[GroupedLinear]] = {layer.bits: layer for layer in (Int4Linear, Int5Linear, Int8GroupedLinear)}
 QUANTIZED_LINEAR: dict[str, type[QuantizedLinear]] = {
-    layer.kind: layer for layer in (Int8Linear, Int4Linear, Int5Linear, Int8GroupedLinear)}
+    layer.kind: layer for layer in (Int8Linear, *GROUPED_LINEAR.values())}
 
 
 class QuantizedEmbedding(nn.Module):
