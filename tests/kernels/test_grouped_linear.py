@@ -50,6 +50,17 @@ def test_pack_and_unpack_are_inverse(bits):
     assert torch.equal(again[0], codes) and torch.equal(again[1], scales) and torch.equal(again[2], minimums)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_rows_read_alone_equal_the_unpacked_rows(bits):
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (64, 96), generator=generator, dtype=torch.uint8)
+    scales = torch.rand(64, 3, generator=generator).half().float()
+    minimums = torch.randn(64, 3, generator=generator).half().float()
+    packed = grouped_linear.pack(codes, scales, minimums, bits)
+    rows = torch.tensor([0, 1, 14, 15, 16, 33, 33, 63])  # every row position in a strip's pairs and edges
+    assert torch.equal(grouped_linear.rows_of(packed, rows), values_of(packed)[rows].float())
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
 def test_ggml_blocks_are_held_exactly(qtype):
     values = (np.random.default_rng(1).standard_normal((32, 128)) * 0.05).astype(np.float32)

@@ -101,27 +101,40 @@ def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return codes, per_row(packed[..., size - 64:size - 32]), per_row(packed[..., size - 32:])
 
 
+@functools.cache
+def _row_bytes(bits: int) -> torch.Tensor:
+    """Per output row c of a strip [16, n]: the byte offsets, within a block, of that row's codes (in input
+    order, as nibble bytes for 4 and 5 bits), its fifth-bit mask bytes (5 bits), then its fp16 scale and
+    minimum."""
+    size = BLOCK_BYTES[bits]
+    vectors, width = (8, 4) if bits == 8 else (4, 4)
+    offsets = []
+    for c in range(16):
+        row = [64 * i + 4 * c + j for i in range(vectors) for j in range(width)]
+        if bits == 5:  # mask (i, half) holds bit 4c + j of this row: byte c // 2 of it
+            row += [256 + 8 * mask + c // 2 for mask in range(8)]
+        offsets.append(row + [size - 64 + 2 * c, size - 63 + 2 * c, size - 32 + 2 * c, size - 31 + 2 * c])
+    return torch.tensor(offsets)
+
+
 def rows_of(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The float32 values [len(rows), K] of output rows `rows` of a packed weight, decoded from their strips
+    """The float32 values [len(rows), K] of output rows `rows` of a packed weight, read from their own bytes
     alone (a tied embedding's lookup): code * scale + minimum, as `unpack` gives them."""
     strips, groups, size = packed.shape
-    bits, blocks, c = bits_of(packed), packed[rows // 16], rows % 16  # blocks [T, G, size]
-    t = torch.arange(len(rows))
-    if bits == 8:  # [T, G, i, c, j] -> row c's [T, G, i, j]
-        codes = blocks[..., :512].reshape(-1, groups, 8, 16, 4).permute(0, 3, 1, 2, 4)[t, c]
+    bits, c = bits_of(packed), rows % 16
+    blocks = (rows // 16 * groups)[:, None] + torch.arange(groups)  # [T, G]
+    raw = packed.view(-1)[blocks[..., None] * size + _row_bytes(bits)[c][:, None, :]]  # [T, G, bytes]
+    if bits == 8:
+        codes = raw[..., :32]
     else:
-        code_bytes = blocks[..., :256].reshape(-1, groups, 4, 16, 4).permute(0, 3, 1, 2, 4)[t, c]  # [T, G, i, j]
-        codes = torch.stack([code_bytes & 0x0F, code_bytes >> 4], dim=3)  # [T, G, i, half, j]
-        if bits == 5:  # bit 4c + j of mask (i, half): byte c // 2, bit 4 (c % 2) + j
-            masks = blocks[..., 256:320].reshape(-1, groups, 4, 2, 8).permute(0, 4, 1, 2, 3)[t, c // 2]
+        nibbles = raw[..., :16].view(-1, groups, 4, 1, 4)  # [T, G, i, 1, j]
+        codes = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=3)  # [T, G, i, half, j]: input 8i + 4 half + j
+        if bits == 5:
             shifts = (4 * (c % 2))[:, None, None, None, None] + torch.arange(4, dtype=torch.uint8)
-            codes = codes | (((masks[..., None] >> shifts) & 1) << 4)
-    codes = codes.reshape(len(rows), groups, GROUP_SIZE).float()
-
-    def of_row(raw: torch.Tensor) -> torch.Tensor:  # [T, G, 32] bytes -> row c's [T, G, 1] float32
-        return raw.contiguous().view(torch.float16).float()[t, :, c, None]
-
-    return (codes * of_row(blocks[..., size - 64:size - 32]) + of_row(blocks[..., size - 32:])).view(len(rows), -1)
+            codes = codes | (((raw[..., 16:24].view(-1, groups, 4, 2, 1) >> shifts) & 1) << 4)
+    scale_minimum = raw[..., -4:].contiguous().view(torch.float16).float()  # [T, G, 2]
+    values = codes.reshape(len(rows), groups, GROUP_SIZE).float() * scale_minimum[..., :1] + scale_minimum[..., 1:]
+    return values.view(len(rows), -1)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
