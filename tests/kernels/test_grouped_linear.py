@@ -38,12 +38,17 @@ def test_layers_use_the_kernel():
     assert all(layer(16, 32).native for layer in LAYERS.values())
 
 
+def random_groups(n: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes [n, 96] of `bits` bits, and fp16-exact scales and minimums [n, 3]."""
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (n, 96), generator=generator, dtype=torch.uint8)
+    scales = torch.rand(n, 3, generator=generator).half().float()
+    return codes, scales, torch.randn(n, 3, generator=generator).half().float()
+
+
 @pytest.mark.parametrize("bits", [4, 5, 8])
 def test_pack_and_unpack_are_inverse(bits):
-    generator = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 2 ** bits, (48, 96), generator=generator, dtype=torch.uint8)
-    scales = torch.rand(48, 3, generator=generator).half().float()
-    minimums = torch.randn(48, 3, generator=generator).half().float()
+    codes, scales, minimums = random_groups(48, bits)
     packed = grouped_linear.pack(codes, scales, minimums, bits)
     assert packed.shape == (3, 3, grouped_linear.BLOCK_BYTES[bits]) and grouped_linear.bits_of(packed) == bits
     again = grouped_linear.unpack(packed)
@@ -52,12 +57,9 @@ def test_pack_and_unpack_are_inverse(bits):
 
 @pytest.mark.parametrize("bits", [4, 5, 8])
 def test_rows_read_alone_equal_the_unpacked_rows(bits):
-    generator = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 2 ** bits, (64, 96), generator=generator, dtype=torch.uint8)
-    scales = torch.rand(64, 3, generator=generator).half().float()
-    minimums = torch.randn(64, 3, generator=generator).half().float()
-    packed = grouped_linear.pack(codes, scales, minimums, bits)
-    rows = torch.tensor([0, 1, 14, 15, 16, 33, 33, 63])  # every row position in a strip's pairs and edges
+    packed = grouped_linear.pack(*random_groups(64, bits), bits)
+    rows = torch.tensor([0, 1, 14, 15, 16, 33, 33, 63])  # even and odd rows (5 bits: either half of a mask byte),
+    # both ends of a strip, a repeat
     assert torch.equal(grouped_linear.rows_of(packed, rows), values_of(packed)[rows].float())
 
 
