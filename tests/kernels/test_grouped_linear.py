@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 
 from tunelab.kernels import build, grouped_linear
 from tunelab.weights.quantized import (GROUPED_LINEAR as LAYERS, GroupedLinear, Int4Linear, QuantizedTensor,
-                                       block_groups, quantize_groups)
+                                       group_bits, quantize_groups)
 
 CAN_BUILD = {"avx512f", "avx512bw", "avx512_vnni"} <= build.cpu_flags() and shutil.which("cc") is not None
 pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX-512 VNNI and a C compiler")
@@ -67,7 +67,7 @@ def test_rows_read_alone_equal_the_unpacked_rows(bits):
 def test_ggml_blocks_are_held_exactly(qtype):
     values = (np.random.default_rng(1).standard_normal((32, 128)) * 0.05).astype(np.float32)
     blocks = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, qtype)).flatten(), qtype, (32, 128))
-    bits = block_groups(blocks)[3]
+    bits = group_bits(qtype)
     layer = LAYERS[bits].from_rows([blocks], 32, 128)
     assert torch.equal(values_of(layer.weight), blocks.dequantize().double())
     if qtype == Q.Q4_1:  # Q4_1's codes span 0..15: its decoded values alone give them back

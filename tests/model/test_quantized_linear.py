@@ -65,8 +65,8 @@ def test_ggml_blocks_give_their_own_codes_and_the_same_values(qtype):
     values = random_weight(16, 96, seed=7).numpy()
     values[3, :32] = 0  # an all-zero block: d = 0
     blocks = QuantizedTensor(torch.from_numpy(gguf.quants.quantize(values, qtype)).flatten(), qtype, (16, 96))
-    codes, scales, minimums, bits = block_groups(blocks)
-    assert bits == group_bits(qtype) and codes.dtype == torch.uint8 and int(codes.max()) < 2 ** bits
+    codes, scales, minimums = block_groups(blocks)
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 2 ** group_bits(qtype)
     # code * scale + minimum is what GGML decodes, bit for bit
     assert torch.equal(group_values(codes, scales, minimums), blocks.dequantize())
 

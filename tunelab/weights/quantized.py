@@ -254,10 +254,10 @@ def group_bits(qtype: Q) -> int:
     return _GROUP_BLOCKS[qtype][0]
 
 
-def block_groups(tensor: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """A Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensor [N, K] -> its exact codes [N, K] uint8 (0 .. 2^bits - 1), scales
-    and minimums [N, K / 32] float32 (fp16 values), and the code width: code * scale + minimum is the
-    value GGML decodes, bit for bit."""
+def block_groups(tensor: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensor [N, K] -> its exact codes [N, K] uint8 (0 .. 2^group_bits - 1),
+    scales and minimums [N, K / 32] float32 (fp16 values): code * scale + minimum is the value GGML
+    decodes, bit for bit."""
     bits, d_at, m_at, fifth_at, codes_at, offset = _GROUP_BLOCKS[tensor.qtype]
     n, k = tensor.shape
     b = tensor.raw.view(-1, GGML_QUANT_SIZES[tensor.qtype][1])  # [blocks, type_size]
@@ -270,7 +270,7 @@ def block_groups(tensor: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor,
             codes = codes | (_unpack(b[:, fifth_at:fifth_at + 4], 1, dim=-1).flatten(1) << 4)
     minimums = _f16(b[:, m_at:m_at + 2]) if m_at is not None else -offset * d
     _check_fp16_range(minimums)
-    return codes.reshape(n, k), d.view(n, k // GROUP_SIZE), minimums.view(n, k // GROUP_SIZE), bits
+    return codes.reshape(n, k), d.view(n, k // GROUP_SIZE), minimums.view(n, k // GROUP_SIZE)
 
 
 def kernel_fits(kind: str, out_features: int, in_features: int) -> bool:
@@ -435,7 +435,7 @@ class GroupedLinear(QuantizedLinear):
             raise ValueError(f"{self.kind} rows must be stored in tiles of {16 if self.native else self.PACK_ROWS}")
         if isinstance(rows, QuantizedTensor) and rows.qtype in EXACT_GROUP_TYPES \
                 and group_bits(rows.qtype) <= self.bits:
-            codes, scales, minimums, _ = block_groups(rows)  # the file's own codes, not a rounding of its values
+            codes, scales, minimums = block_groups(rows)  # the file's own codes, not a rounding of its values
         else:
             codes, scales, minimums = quantize_groups(rows.dequantize() if isinstance(rows, QuantizedTensor) else rows,
                                                       self.bits)
