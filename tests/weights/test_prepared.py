@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import torch
 
@@ -76,3 +78,16 @@ def test_removing_the_model_removes_its_prepared_copy(tunelab_home, smollm2_path
     assert prepared_dir(store.cache_dir, path, "int8").is_dir()
     store.remove("smollm2:135m")
     assert not list(store.cache_dir.glob("prepared-*"))
+
+
+def test_loading_leaves_pytorchs_compiler_stack_unimported(tunelab_home, smollm2_path):
+    """A random init on `meta` runs through PyTorch's Python reference kernels, whose first use imports
+    torch._dynamo and ~800 other modules: ~65 MiB resident for the process's life. Loading needs none."""
+    store = Store(tunelab_home)
+    load_model_files(smollm2_path, "int8", store)  # prepared here; the child below loads the prepared copy
+    script = ("import sys; from pathlib import Path; from tunelab.registry.store import Store; "
+              "from tunelab.runtime import load_model_files; "
+              f"load_model_files(Path({str(smollm2_path)!r}), 'int8', Store(Path({str(tunelab_home)!r}))); "
+              "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

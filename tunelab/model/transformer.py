@@ -53,8 +53,11 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        # The table's values come from the checkpoint: no random init, which on `meta` would run through
+        # PyTorch's Python reference kernels and import ~800 modules (~70 MiB resident for good).
+        embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            embed_tokens=embed_tokens,
             layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
