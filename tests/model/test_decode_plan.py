@@ -8,6 +8,8 @@ decoded together step by step, once eagerly and once through the plan, on two co
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -100,7 +102,7 @@ def test_a_plan_refuses_another_batch_size_and_a_bad_slot(tmp_path):
     with pytest.raises(ValueError, match="decode steps of 2 sequences"):
         plan.run(torch.tensor([1, 2, 3]), batch)
     two = AttentionBatch.build([SequenceSlice(len(PROMPTS[s]), 1, TABLES[s]) for s in (0, 1)], BLOCK)
-    bad = AttentionBatch(**{**two.__dict__, "slot_mapping": torch.tensor([0, 10_000])})
+    bad = dataclasses.replace(two, slot_mapping=torch.tensor([0, 10_000]))
     before = cache.k.clone()
     with pytest.raises(RuntimeError, match="refused by its kernel"):
         plan.run(torch.tensor([1, 2]), bad)

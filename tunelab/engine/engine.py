@@ -216,10 +216,12 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor) -> list[TokenEvent]:
         chosen = [seqs[r] for r in rows]
-        logits = logits[rows]
-        for i, seq in enumerate(chosen):
-            if seq.json_constraint is not None and not seq.forced_ids:
-                logits[i] = seq.json_constraint.mask(logits[i])
+        constrained = [i for i, seq in enumerate(chosen) if seq.json_constraint is not None and not seq.forced_ids]
+        # A copy only for a subset of rows or for JSON masks written into it: at 16 rows it is 3 MB.
+        if len(rows) < len(seqs) or constrained:
+            logits = logits[rows]
+        for i in constrained:
+            logits[i] = chosen[i].json_constraint.mask(logits[i])
         result = self.sampler(
             logits,
             [s.request.params for s in chosen],

@@ -10,6 +10,7 @@ layers (nano-vllm keeps the same facts in a module global; we pass them).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,28 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat KV-cache slot each new token is written to
     query_slots: torch.Tensor  # [T] index of each new token in the padded [S * max_query] layout
     key_index: torch.Tensor  # [S, max_context] flat KV-cache slot of each key, per sequence
-    attn_mask: torch.Tensor  # [S, 1, max_query, max_context] True where a query may see a key
-    attn_bias: torch.Tensor  # attn_mask as 0 / -inf, float32, to add to attention scores
+    query_positions: torch.Tensor  # [S, max_query] position of each query, padding included
+    num_new: torch.Tensor  # [S] real queries of each sequence
     logits_indices: torch.Tensor  # [R] flat token rows whose logits the model returns
     num_seqs: int
     max_query: int
+
+    # The masks are built on first use: the native decode attention needs neither, and for a
+    # decode step they are [S, 1, 1, K] tensors built anew at every step.
+    @functools.cached_property
+    def attn_mask(self) -> torch.Tensor:
+        """[S, 1, max_query, max_context] True where a query may see a key."""
+        is_real = torch.arange(self.max_query) < self.num_new[:, None]  # [S, Q]: False for padding queries
+        # Causal: the i-th new token (position num_cached + i) sees keys 0..num_cached + i.
+        key_pos = torch.arange(self.key_index.shape[1])  # [K]
+        mask = (key_pos <= self.query_positions[:, :, None]) & is_real[:, :, None]  # [S, Q, K]
+        mask[:, :, 0] |= ~is_real  # padding queries see key 0 so their (discarded) softmax stays finite
+        return mask[:, None]
+
+    @functools.cached_property
+    def attn_bias(self) -> torch.Tensor:
+        """attn_mask as 0 / -inf, float32, to add to attention scores."""
+        return torch.zeros(self.attn_mask.shape).masked_fill_(~self.attn_mask, float("-inf"))
 
     @property
     def is_decode(self) -> bool:
@@ -66,9 +84,6 @@ class AttentionBatch:
         query_offset = torch.arange(max_query)  # [Q]
         query_pos = num_cached[:, None] + query_offset  # [S, Q]
         is_real = query_offset < num_new[:, None]  # [S, Q]: False for padding queries
-        # Causal: the i-th new token (position num_cached + i) sees keys 0..num_cached + i.
-        attn_mask = (key_pos <= query_pos[:, :, None]) & is_real[:, :, None]  # [S, Q, K]
-        attn_mask[:, :, 0] |= ~is_real  # padding queries see key 0 so their (discarded) softmax stays finite
         positions = query_pos[is_real]  # [T], sequence by sequence
         slot_mapping = key_index.gather(1, query_pos.clamp(max=max_context - 1))[is_real]  # [T]
         query_slots = (torch.arange(num_seqs)[:, None] * max_query + query_offset)[is_real]  # [T]
@@ -79,8 +94,8 @@ class AttentionBatch:
             slot_mapping=slot_mapping,
             query_slots=query_slots,
             key_index=key_index,
-            attn_mask=attn_mask[:, None],
-            attn_bias=torch.zeros(attn_mask[:, None].shape).masked_fill_(~attn_mask[:, None], float("-inf")),
+            query_positions=query_pos,
+            num_new=num_new,
             logits_indices=logits_indices,
             num_seqs=num_seqs,
             max_query=max_query,

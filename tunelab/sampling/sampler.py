@@ -199,8 +199,9 @@ class Sampler:
             # A group of greedy rows needs no temperature stage and no draw: the best survivor, by argmax
             # (the first on ties, as the temperature stage picks it), with probability 1.
             greedy = record is None and all(params[r].is_greedy for r in group)
+            rows = logits if len(group) == num_rows else logits[group]  # the stages never write their input
             final, column_ids = self._run_chain(
-                logits[group], [chain_params[r] for r in group], [histories[r] for r in group],
+                rows, [chain_params[r] for r in group], [histories[r] for r in group],
                 [states[r] for r in group], record or (lambda name, x, column_ids: None), stop_before_temperature=greedy)
             if greedy:
                 best = final.max(-1, keepdim=True)  # [G, 1]
