@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from tunelab.benchmark import ENGINES, EngineResult, make_spec, run_benchmark, summary
@@ -38,9 +39,10 @@ def bench(
     with console.status("benchmarking") as status:
         results = run_benchmark(spec, tuple(dict.fromkeys(compare)),
                                 on_start=lambda kind: status.update(f"running {kind} (one engine at a time)"))
-    console.print(single_stream_table(results, spec.prompt_tokens, spec.gen_tokens))
-    console.print(concurrency_table(results["tunelab"]))
-    console.print(prefix_sharing_table(results["tunelab"]))
+    out = console if console.is_terminal else Console(width=150)  # a log or a pasted note has room for the tables
+    out.print(single_stream_table(results, spec.prompt_tokens, spec.gen_tokens))
+    out.print(concurrency_table(results["tunelab"]))
+    out.print(prefix_sharing_table(results["tunelab"]))
     if json_out is not None:
         json_out.write_text(json.dumps({name: asdict(result) for name, result in results.items()}, indent=2))
 
