@@ -46,7 +46,9 @@
 
 #define GROUP 32
 #define ROW_BLOCK 4         /* activation rows per pass over a strip: their accumulators stay in registers */
-#define PREFETCH_AHEAD 8192 /* bytes ahead of the stream, as in int8_linear.c */
+/* Bytes ahead of the stream to prefetch, as in int8_linear.c. Measured per layer in a decode step (8, 16
+ * and 24 KiB): 16 KiB reads the Qwen2.5 0.5B head ~9% faster than 8 and SmolLM2's 4-bit layers ~5%. */
+#define PREFETCH_AHEAD 16384
 
 /* A strip's group in bytes: its codes, then 32 bytes of scales and 32 of minimums. */
 static inline int64_t block_bytes(int bits) { return bits == 4 ? 320 : bits == 5 ? 384 : 576; }
