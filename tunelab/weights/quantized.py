@@ -34,6 +34,7 @@ from torch import nn
 from tunelab.errors import UnsupportedQuantization
 from tunelab.kernels import grouped_linear as native_grouped
 from tunelab.kernels import int8_linear as native_int8
+from tunelab.weights.mapped_rows import MappedRows
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -500,13 +501,17 @@ QUANTIZED_LINEAR: dict[str, type[QuantizedLinear]] = {
 
 
 class QuantizedEmbedding(nn.Module):
-    """A token table kept in GGML blocks; each lookup decodes only the rows it gathers."""
+    """A token table kept in GGML blocks; each lookup decodes only the rows it gathers. A table mapped
+    from a model file is read from the file, so the rows a lookup touches do not stay resident
+    (`MappedRows`)."""
 
     def __init__(self, table: QuantizedTensor, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.qtype, self.dtype = table.qtype, dtype
         self.num_embeddings, self.embedding_dim = table.shape
         self.register_buffer("blocks", table.raw.view(self.num_embeddings, -1))  # [vocab, row_bytes] uint8
+        self._file_rows: MappedRows | None = None
+        self._file_checked = False  # looked up at the first lookup: the loaders assign `blocks` after __init__
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
@@ -518,7 +523,9 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> [T, dim] in `dtype`."""
-        rows = self.blocks[ids]  # [T, row_bytes]
+        if not self._file_checked:
+            self._file_rows, self._file_checked = MappedRows.of(self.blocks), True
+        rows = self.blocks[ids] if self._file_rows is None else self._file_rows.read(ids)  # [T, row_bytes]
         return QuantizedTensor(rows.flatten(), self.qtype, (len(ids), self.embedding_dim)).dequantize(self.dtype)
 
 
