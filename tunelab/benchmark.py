@@ -348,6 +348,10 @@ WORKERS = {"tunelab-single": tunelab_single, "tunelab-batch": tunelab_batch,
            "llama.cpp": llama_cpp_single, "transformers": transformers_single}
 
 if __name__ == "__main__":
+    # Run as a script, this file's folder heads sys.path, and tunelab's kernels/, model/, ... would shadow
+    # top-level packages of those names (transformers imports Hugging Face's `kernels` where it finds one).
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
     if sys.argv[1:2] != ["worker"] or len(sys.argv) != 3 or sys.argv[2] not in WORKERS:
         sys.exit(f"usage: python benchmark.py worker {{{','.join(WORKERS)}}} < spec.json")
     job = json.loads(sys.stdin.read())
