@@ -127,7 +127,7 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute `inv_freq` on `device`; a model built on `meta` calls this once its weights are in."""
         # On the CPU even inside a `meta` build: meta tensors run these few ops through PyTorch's Python
-        # reference kernels, whose first use imports ~800 modules (~70 MiB resident for the process's life).
+        # reference kernels, whose first use imports ~800 modules (~65 MiB resident for good).
         with torch.device("cpu"):
             inv_freq, self.attention_factor = rope_inv_freq(self.config)
         self.inv_freq = inv_freq if device is None else inv_freq.to(device)

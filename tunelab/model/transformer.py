@@ -54,7 +54,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         # The table's values come from the checkpoint: no random init, which on `meta` would run through
-        # PyTorch's Python reference kernels and import ~800 modules (~70 MiB resident for good).
+        # PyTorch's Python reference kernels and import ~800 modules (~65 MiB resident for good).
         embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         self.model = nn.ModuleDict(dict(
             embed_tokens=embed_tokens,
