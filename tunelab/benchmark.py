@@ -62,6 +62,7 @@ class BenchSpec:
     runs: int = 5
     dtype: str = "auto"
     num_thread: int = 0  # 0 = every core
+    kv_cache_type: str = "auto"
     concurrency: tuple[int, ...] = (1, 4, 16)
     shared_prompt_tokens: int = 300
     shared_samples: int = 16
@@ -178,7 +179,8 @@ def _run_worker(kind: str, spec: BenchSpec) -> dict:
 def _tunelab_runtime(spec: BenchSpec, max_num_seqs: int):
     from tunelab.runtime import open_model
 
-    options = {"dtype": spec.dtype, "num_thread": spec.num_thread, "num_ctx": spec.num_ctx}
+    options = {"dtype": spec.dtype, "num_thread": spec.num_thread, "num_ctx": spec.num_ctx,
+               "kv_cache_type": spec.kv_cache_type}
     return open_model(spec.model, options=options, max_num_seqs=max_num_seqs, quiet=True)
 
 
@@ -217,7 +219,8 @@ def tunelab_single(spec: BenchSpec) -> dict:
         engine="tunelab", load_s=load_s, rss_after_load_mib=rss_after_load, peak_rss_mib=_memory_mib("VmHWM"),
         ttft_s=[ttft for ttft, _, _ in measured], prefill_tps=[spec.prompt_tokens / ttft for ttft, _, _ in measured],
         decode_tps=[decode for _, decode, _ in measured], tokens=measured[0][2],
-        detail=f"dtype {spec.dtype} ({resolve_dtype(spec.dtype)}), {torch.get_num_threads()} threads, "
+        detail=f"dtype {spec.dtype} ({resolve_dtype(spec.dtype)}), KV {spec.kv_cache_type}, "
+               f"{torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
 
 

@@ -1,7 +1,7 @@
 """Options: the Ollama-named knobs, their single source of defaults, and layering.
 
 An option is anything a Modelfile `PARAMETER` line or an API request's
-`options` may set. Load-time options (`num_ctx`, `num_thread`, `dtype`) decide
+`options` may set. Load-time options (`num_ctx`, `num_thread`, `dtype`, `kv_cache_type`) decide
 how a model is loaded; the rest apply per request. Effective options are always
 built the same way, by `resolve_options`:
 
@@ -58,6 +58,8 @@ OPTION_SPECS: dict[str, OptionSpec] = {
         _spec("dtype", str, "auto", "weight/compute type: auto, float32, bfloat16, int8, int4", load=True,
               check=lambda v: v in ("auto", "float32", "bfloat16", "float16", "int8", "int4"),
               valid="one of auto, float32, bfloat16, float16, int8, int4"),
+        _spec("kv_cache_type", str, "auto", "KV cache: auto (the compute type) or q8_0 (8-bit: half the memory)",
+              load=True, check=lambda v: v in ("auto", "q8_0"), valid="auto or q8_0"),
         # Per request: length and stopping.
         _spec("num_predict", int, -1, "max tokens to generate (-1 = until a stop or the context is full)",
               check=lambda v: v >= -1, valid="-1 (no limit) or >= 0"),

@@ -122,7 +122,8 @@ def open_model(name_or_path: str, store: Store | None = None, options: dict[str,
     config, model, tokenizer = load_model_files(path, resolve_dtype(load["dtype"]), store)
     num_ctx = min(load["num_ctx"], config.max_position_embeddings)
     engine = Engine(model, tokenizer, EngineConfig(num_ctx=num_ctx, num_batch=load["num_batch"],
-                                                   num_thread=load["num_thread"], max_num_seqs=max_num_seqs))
+                                                   num_thread=load["num_thread"], max_num_seqs=max_num_seqs,
+                                                   kv_cache_type=load["kv_cache_type"]))
     if start_engine:
         engine.start()
     load = dict(load, num_ctx=num_ctx)

@@ -25,15 +25,15 @@ TABLES = {0: [7, 2, 9, 4, 11], 1: [0, 13, 5], 2: [1, 3, 6, 8, 10, 12, 14, 15, 16
 DECODE = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
 
 
-def tiny_checkpoint(family: str, path):
-    save_tiny_qwen(family, path)
+def tiny_checkpoint(family: str, path, head_dim: int | None = None):
+    save_tiny_qwen(family, path, head_dim=head_dim)
     return load_weights(path, "int8")[1]
 
 
-def decode_run(model):
+def decode_run(model, kv_cache_type="auto"):
     """Prefill each prompt alone, then decode all three together; the logits of each decode step and the cache."""
     config = model.config
-    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16, kv_cache_type)
     cached, logits = {s: 0 for s in PROMPTS}, []
     with torch.inference_mode():
         for s, prompt in PROMPTS.items():
@@ -48,28 +48,35 @@ def decode_run(model):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_kernel_matches_the_pytorch_path(family, tmp_path, monkeypatch):
-    model = tiny_checkpoint(family, tmp_path)
-    assert native_attention.supports(model.config.head_dim, torch.bfloat16, torch.bfloat16)
-    native_logits, native_cache = decode_run(model)
+@pytest.mark.parametrize("kv_cache_type", ["auto", "q8_0"])
+def test_kernel_matches_the_pytorch_path(family, kv_cache_type, tmp_path, monkeypatch):
+    model = tiny_checkpoint(family, tmp_path, head_dim=64 if kv_cache_type == "q8_0" else None)  # q8_0: 2 blocks a head
+    cache_dtype = torch.int8 if kv_cache_type == "q8_0" else torch.bfloat16
+    assert native_attention.supports(model.config.head_dim, torch.bfloat16, cache_dtype)
+    native_logits, native_cache = decode_run(model, kv_cache_type)
     monkeypatch.setattr(native_attention, "supports", lambda *args: False)
-    torch_logits, torch_cache = decode_run(model)
+    torch_logits, torch_cache = decode_run(model, kv_cache_type)
     # The new keys and values land in the same slots with the same values (bfloat16 RoPE, rounded
-    # as PyTorch rounds it; at most a last-bit difference where the fused ops round differently).
-    for native, reference in ((native_cache.k, torch_cache.k), (native_cache.v, torch_cache.v)):
-        torch.testing.assert_close(native.float(), reference.float(), atol=0, rtol=2 ** -7)
+    # as PyTorch rounds it; at most a last-bit difference where the fused ops round differently,
+    # which q8_0 may turn into a code one apart).
+    layers = range(model.config.num_layers)
+    for native, reference in zip(*[[c.gather(i, torch.arange(17 * BLOCK)[None]) for i in layers]
+                                   for c in (native_cache, torch_cache)]):
+        for n, r in zip(native, reference):
+            torch.testing.assert_close(n.float(), r.float(), atol=0, rtol=2 ** -7 if kv_cache_type == "auto" else 0.02)
     # Only the float32 summation order differs, then one bfloat16 rounding of the attention output.
     scale = torch_logits.abs().max().item()
     torch.testing.assert_close(native_logits, torch_logits, atol=0.01 * scale, rtol=0)
     assert torch.equal(native_logits.argmax(-1), torch_logits.argmax(-1))
 
 
-def test_a_sequence_decoded_in_a_batch_gets_what_it_gets_alone(tmp_path):
+@pytest.mark.parametrize("kv_cache_type", ["auto", "q8_0"])
+def test_a_sequence_decoded_in_a_batch_gets_what_it_gets_alone(kv_cache_type, tmp_path):
     """Each (sequence, kv head) is computed on its own: the batch around it changes no bit."""
-    model = tiny_checkpoint("qwen3", tmp_path)
-    together, _ = decode_run(model)
+    model = tiny_checkpoint("qwen3", tmp_path, head_dim=64)
+    together, _ = decode_run(model, kv_cache_type)
     config = model.config
-    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16, kv_cache_type)
     with torch.inference_mode():
         prompt = PROMPTS[2]
         model(torch.tensor(prompt), AttentionBatch.build([SequenceSlice(0, len(prompt), TABLES[2])], BLOCK), cache)

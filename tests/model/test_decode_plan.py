@@ -34,18 +34,18 @@ def tiny_checkpoint(family: str, path) -> None:
     save_tiny_qwen(family, path, seed=2)
 
 
-def prefilled(model) -> KVCache:
+def prefilled(model, kv_cache_type: str = "auto") -> KVCache:
     config = model.config
-    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    cache = KVCache(config.num_layers, 17, BLOCK, config.num_kv_heads, config.head_dim, torch.bfloat16, kv_cache_type)
     with torch.inference_mode():
         for s, prompt in PROMPTS.items():
             model(torch.tensor(prompt), AttentionBatch.build([SequenceSlice(0, len(prompt), TABLES[s])], BLOCK), cache)
     return cache
 
 
-def decode_both_ways(model):
+def decode_both_ways(model, kv_cache_type: str = "auto"):
     """Logits of each decode step, eager and planned, and the two caches afterwards."""
-    eager_cache, planned_cache = prefilled(model), prefilled(model)
+    eager_cache, planned_cache = prefilled(model, kv_cache_type), prefilled(model, kv_cache_type)
     plan = DecodePlan.capture(model, planned_cache, len(PROMPTS))
     assert plan is not None
     cached = {s: len(p) for s, p in PROMPTS.items()}
@@ -68,6 +68,15 @@ def test_planned_decode_equals_eager_decode(family, weight_format, tmp_path):
     eager, planned, eager_cache, planned_cache = decode_both_ways(model)
     assert torch.equal(planned, eager)
     assert torch.equal(planned_cache.k, eager_cache.k) and torch.equal(planned_cache.v, eager_cache.v)
+
+
+def test_planned_decode_equals_eager_decode_with_a_q8_0_cache(tmp_path):
+    tiny_checkpoint("qwen3", tmp_path)
+    model = load_weights(tmp_path, "int8")[1]
+    eager, planned, eager_cache, planned_cache = decode_both_ways(model, "q8_0")
+    assert torch.equal(planned, eager)
+    for name in ("k", "v", "k_scales", "v_scales"):
+        assert torch.equal(getattr(planned_cache, name), getattr(eager_cache, name))
 
 
 def test_planned_decode_equals_eager_decode_on_a_real_model(smollm2_path):

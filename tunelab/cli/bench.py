@@ -13,6 +13,7 @@ from rich.table import Table
 from tunelab.benchmark import ENGINES, EngineResult, make_spec, run_benchmark, summary
 from tunelab.cli import app, console
 from tunelab.errors import InvalidOption
+from tunelab.model.kv_cache import KV_CACHE_TYPES
 
 
 @app.command()
@@ -24,6 +25,7 @@ def bench(
     compare: list[str] = typer.Option([], help="also run llama.cpp and/or transformers (repeatable)"),
     dtype: str = typer.Option("auto", help="tunelab's weights: auto, float32, bfloat16, int8, int4"),
     num_thread: int = typer.Option(0, help="threads for every engine (0 = every core)"),
+    kv_cache_type: str = typer.Option("auto", help="tunelab's KV cache: auto or q8_0 (llama.cpp's stays f16)"),
     shared_samples: int = typer.Option(16, help="samples of one prompt in the prefix-sharing run"),
     shared_prompt_tokens: int = typer.Option(300, help="prompt length of the prefix-sharing run"),
     json_out: Path = typer.Option(None, "--json", help="also write the raw results here"),
@@ -34,8 +36,10 @@ def bench(
         raise InvalidOption(f"--compare {unknown[0]} is not an engine tunelab can run; use llama.cpp or transformers")
     if min(prompt_tokens, gen_tokens, runs) < 2:
         raise InvalidOption("--prompt-tokens, --gen-tokens and --runs must each be at least 2")
+    if kv_cache_type not in KV_CACHE_TYPES:
+        raise InvalidOption(f"--kv-cache-type {kv_cache_type} is not one of {', '.join(KV_CACHE_TYPES)}")
     spec = make_spec(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, dtype=dtype,
-                     num_thread=num_thread, shared_samples=shared_samples, shared_prompt_tokens=shared_prompt_tokens)
+                     num_thread=num_thread, kv_cache_type=kv_cache_type, shared_samples=shared_samples, shared_prompt_tokens=shared_prompt_tokens)
     with console.status("benchmarking") as status:
         results = run_benchmark(spec, tuple(dict.fromkeys(compare)),
                                 on_start=lambda kind: status.update(f"running {kind} (one engine at a time)"))

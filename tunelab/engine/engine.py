@@ -39,6 +39,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV pool size; default: enough for max_num_seqs short chats
     block_size: int = 16
     num_thread: int = 0  # 0 = every core
+    kv_cache_type: str = "auto"  # auto: the model's compute type; q8_0: 8-bit (model/kv_cache.py)
 
 
 class RequestHandle:
@@ -73,7 +74,8 @@ class Engine:
         dtype = next(model.parameters()).dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        self.kv_cache = KVCache(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype)
+        self.kv_cache = KVCache(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype,
+                                cfg.kv_cache_type)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.num_batch)
         self.runner = ModelRunner(model, self.kv_cache)

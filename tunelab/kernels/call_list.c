@@ -21,7 +21,7 @@ typedef int (*grouped_linear_fn)(const void *, int64_t, int64_t, const void *, i
                                  void *);
 typedef int (*decode_attention_fn)(const void *, int64_t, int64_t, int64_t, int64_t, const void *, const void *,
                                    const void *, const void *, float, void *, void *, const void *, const void *,
-                                   int64_t, const void *, int64_t, void *);
+                                   int64_t, const void *, int64_t, void *, void *, void *);
 
 static float as_float(int64_t bits) {
     uint32_t low = (uint32_t)bits;
@@ -54,7 +54,7 @@ int64_t tunelab_run_calls(const int64_t *calls, int64_t count) {
         case DECODE_ATTENTION:
             status = ((decode_attention_fn)function)(P(0), a[1], a[2], a[3], a[4], P(5), P(6), P(7), P(8),
                                                      as_float(a[9]), P(10), P(11), P(12), P(13), a[14], P(15), a[16],
-                                                     P(17));
+                                                     P(17), P(18), P(19));
             break;
         default:
             status = -1;

@@ -9,6 +9,8 @@
  * The arithmetic follows the PyTorch path (model/layers.py): norm and RoPE in float32 rounded to
  * bfloat16 after each op as the bfloat16 tensors there are; keys and values stored in bfloat16, as the
  * cache holds them; scores, softmax and the weighted sum in float32; the output rounded to bfloat16. Only summation order differs.
+ * A q8_0 cache (k_scales and v_scales given: model/kv_cache.py) holds int8 codes and per 32 values an
+ * fp16 scale; new keys and values are quantized as `quantize_q8_0` does, and read as code * scale.
  */
 
 #include <immintrin.h>
@@ -92,6 +94,43 @@ static inline __m512 sum_each(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xdd));
 }
 
+/* Cache row `index` (slot * kv + head, of d values), values t .. t + 15 in float32: bfloat16 as stored, or
+ * with `scales` (q8_0) code * scale. */
+static inline __attribute__((always_inline)) __m512 load_row(const void *cache, const uint16_t *scales, int64_t index,
+                                                            int64_t d, int64_t t) {
+    if (scales == NULL) return load_bf16((const uint16_t *)cache + index * d + t, 0xffff);
+    __m128i codes = _mm_loadu_si128((const __m128i *)((const int8_t *)cache + index * d + t));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)),
+                         _mm512_set1_ps(_cvtsh_ss(scales[index * (d / 32) + t / 32])));
+}
+
+/* The address of cache row `index`'s byte `offset`, for prefetching. */
+static inline const char *row_address(const void *cache, const uint16_t *scales, int64_t index, int64_t d,
+                                      int64_t offset) {
+    return (const char *)cache + index * d * (scales == NULL ? 2 : 1) + offset;
+}
+
+/* One token's d values (float32 holding bfloat16 values) -> cache row `index`: as bfloat16, or (q8_0)
+ * per 32 values scale = max|x| / 127 in fp16 and code = round(x / scale), as `quantize_q8_0`. */
+static void store_row(const float *x, int64_t d, void *cache, uint16_t *scales, int64_t index) {
+    if (scales == NULL) {
+        uint16_t *row = (uint16_t *)cache + index * d;
+        for (int64_t j = 0; j < d; j++) row[j] = float_to_bf16(x[j]); /* exact: x holds bfloat16 values */
+        return;
+    }
+    int8_t *codes = (int8_t *)cache + index * d;
+    for (int64_t b = 0; b < d; b += 32) {
+        float top = 0.0f;
+        for (int64_t j = b; j < b + 32; j++) top = fmaxf(top, fabsf(x[j]));
+        float scale = fminf(top / 127.0f, 65504.0f);
+        uint16_t half = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        float step = _cvtsh_ss(half);
+        scales[index * (d / 32) + b / 32] = half;
+        for (int64_t j = b; j < b + 32; j++)
+            codes[j] = step > 0.0f ? (int8_t)fminf(fmaxf(nearbyintf(x[j] / step), -127.0f), 127.0f) : 0;
+    }
+}
+
 /* The scores of one query q [16 chunks] against 16 keys (block: 16 rows of chunks x 16 floats): 16
  * independent accumulators, one per key, so the multiply-adds pipeline; `chunks` is a constant for 64
  * and 128 dims after inlining. */
@@ -115,20 +154,20 @@ static inline __attribute__((always_inline)) __m512 score_16(const float *q, con
  * `chunks` x 16 dims; heads * chunks <= 16. Both are compile-time constants at every call after
  * inlining, so the sums stay in registers and each value row is read once per pass. */
 static inline __attribute__((always_inline)) void weighted_sum_pass(
-        const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache, int64_t kv, int64_t head,
-        int64_t g0, int heads, int chunks, float *acc) {
+        const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache, const uint16_t *v_scales, int64_t kv,
+        int64_t head, int64_t g0, int heads, int chunks, float *acc) {
     __m512 sums[16];
 #pragma GCC unroll 16
     for (int i = 0; i < heads * chunks; i++) sums[i] = _mm512_setzero_ps();
+    const int64_t d = chunks * 16;
     for (int64_t j = 0; j < num_keys; j++) {
-        const uint16_t *value = v_cache + (keys[j] * kv + head) * chunks * 16;
         if (j + VALUE_PREFETCH < num_keys)
 #pragma GCC unroll 8
-            for (int t = 0; t < chunks; t += 2)
-                _mm_prefetch((const char *)(v_cache + (keys[j + VALUE_PREFETCH] * kv + head) * chunks * 16 + t * 16), _MM_HINT_T0);
+            for (int64_t line = 0; line < d * (v_scales == NULL ? 2 : 1); line += 64)
+                _mm_prefetch(row_address(v_cache, v_scales, keys[j + VALUE_PREFETCH] * kv + head, d, line), _MM_HINT_T0);
 #pragma GCC unroll 16
         for (int t = 0; t < chunks; t++) {
-            __m512 v = load_bf16(value + t * 16, 0xffff);
+            __m512 v = load_row(v_cache, v_scales, keys[j] * kv + head, d, t * 16);
 #pragma GCC unroll 16
             for (int g = 0; g < heads; g++)
                 sums[g * chunks + t] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g0 + g) * num_keys + j]), v, sums[g * chunks + t]);
@@ -142,30 +181,44 @@ static inline __attribute__((always_inline)) void weighted_sum_pass(
 
 /* weighted_sum_pass over all `group` heads, as many per pass as 16 accumulators hold (chunks: 4 or 8). */
 static inline __attribute__((always_inline)) void weighted_sum(
-        const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache, int64_t kv, int64_t head,
-        int64_t group, int chunks, float *acc) {
+        const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache, const uint16_t *v_scales, int64_t kv,
+        int64_t head, int64_t group, int chunks, float *acc) {
     const int step = 16 / chunks; /* 4 heads of 64 dims, or 2 of 128 */
     for (int64_t g0 = 0; g0 < group; g0 += step) {
         int heads = group - g0 < step ? (int)(group - g0) : step;
         if (chunks == 8 || heads == 1) {
-            if (heads == 1) weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 1, chunks, acc);
-            else weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 2, 8, acc);
-        } else if (heads == 2) weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 2, 4, acc);
-        else if (heads == 3) weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 3, 4, acc);
-        else weighted_sum_pass(p, num_keys, keys, v_cache, kv, head, g0, 4, 4, acc);
+            if (heads == 1) weighted_sum_pass(p, num_keys, keys, v_cache, v_scales, kv, head, g0, 1, chunks, acc);
+            else weighted_sum_pass(p, num_keys, keys, v_cache, v_scales, kv, head, g0, 2, 8, acc);
+        } else if (heads == 2) weighted_sum_pass(p, num_keys, keys, v_cache, v_scales, kv, head, g0, 2, 4, acc);
+        else if (heads == 3) weighted_sum_pass(p, num_keys, keys, v_cache, v_scales, kv, head, g0, 3, 4, acc);
+        else weighted_sum_pass(p, num_keys, keys, v_cache, v_scales, kv, head, g0, 4, 4, acc);
     }
 }
 
+/* weighted_sum with the cache's format a compile-time constant: one copy per format. */
+static void weighted_sum_bf16(const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache, int64_t kv,
+                              int64_t head, int64_t group, int chunks, float *acc) {
+    if (chunks == 4) weighted_sum(p, num_keys, keys, v_cache, NULL, kv, head, group, 4, acc);
+    else weighted_sum(p, num_keys, keys, v_cache, NULL, kv, head, group, 8, acc);
+}
+
+static void weighted_sum_q8_0(const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache,
+                              const uint16_t *v_scales, int64_t kv, int64_t head, int64_t group, int chunks, float *acc) {
+    if (chunks == 4) weighted_sum(p, num_keys, keys, v_cache, v_scales, kv, head, group, 4, acc);
+    else weighted_sum(p, num_keys, keys, v_cache, v_scales, kv, head, group, 8, acc);
+}
+
 /* The same for any dims (d / 16 chunks, up to 16): one head per pass. */
-static void weighted_sum_any(const float *p, int64_t num_keys, const int64_t *keys, const uint16_t *v_cache,
-                             int64_t kv, int64_t head, int64_t group, int64_t chunks, float *acc) {
+static void weighted_sum_any(const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache,
+                             const uint16_t *v_scales, int64_t kv, int64_t head, int64_t group, int64_t chunks,
+                             float *acc) {
     for (int64_t g = 0; g < group; g++) {
         __m512 sums[16];
         for (int64_t t = 0; t < chunks; t++) sums[t] = _mm512_setzero_ps();
         for (int64_t j = 0; j < num_keys; j++) {
-            const uint16_t *value = v_cache + (keys[j] * kv + head) * chunks * 16;
             __m512 weight = _mm512_set1_ps(p[g * num_keys + j]);
-            for (int64_t t = 0; t < chunks; t++) sums[t] = _mm512_fmadd_ps(weight, load_bf16(value + t * 16, 0xffff), sums[t]);
+            for (int64_t t = 0; t < chunks; t++)
+                sums[t] = _mm512_fmadd_ps(weight, load_row(v_cache, v_scales, keys[j] * kv + head, chunks * 16, t * 16), sums[t]);
         }
         for (int64_t t = 0; t < chunks; t++) _mm512_storeu_ps(acc + g * chunks * 16 + t * 16, sums[t]);
     }
@@ -173,14 +226,15 @@ static void weighted_sum_any(const float *p, int64_t num_keys, const int64_t *ke
 
 /* qkv [s, (h + 2 kv) d] bfloat16; cos, sin [s, d] bfloat16; q_norm, k_norm [d] bfloat16 or NULL;
  * k_cache, v_cache [slots, kv, d] bfloat16 (this layer's); slots [s]; key_index [s, max_keys];
- * positions [s] (sequence s attends to keys 0..positions[s]); num_slots: the cache's; out [s, h d] bfloat16.
+ * positions [s] (sequence s attends to keys 0..positions[s]); num_slots: the cache's; out [s, h d] bfloat16;
+ * k_scales, v_scales: NULL, or for a q8_0 cache (k_cache and v_cache int8) [slots, kv, d / 32] fp16.
  * Returns 0, or -1 for a shape it does not take or a failed allocation. */
 int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t kv, int64_t d,
                              const uint16_t *cos, const uint16_t *sin, const uint16_t *q_norm, const uint16_t *k_norm,
-                             float eps, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
+                             float eps, void *k_cache, void *v_cache, const int64_t *slots,
                              const int64_t *key_index, int64_t max_keys, const int64_t *positions,
-                             int64_t num_slots, uint16_t *out) {
-    if (d % 16 != 0 || d > 256 || h % kv != 0) return -1;
+                             int64_t num_slots, uint16_t *out, uint16_t *k_scales, uint16_t *v_scales) {
+    if (d % 16 != 0 || d > 256 || h % kv != 0 || ((k_scales != NULL || v_scales != NULL) && d % 32 != 0)) return -1;
     for (int64_t i = 0; i < s; i++) { /* a slot outside the cache would write or read out of bounds: check first */
         if (slots[i] < 0 || slots[i] >= num_slots || positions[i] < 0 || positions[i] >= max_keys) return -1;
         for (int64_t j = 0; j <= positions[i]; j++)
@@ -200,11 +254,11 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
             for (int64_t j = 0; j < d; j += 16) _mm512_storeu_ps(q + j, _mm512_mul_ps(_mm512_loadu_ps(q + j), _mm512_set1_ps(scale)));
         }
         for (int64_t head = 0; head < kv; head++) {
-            float key[512];
+            float key[512], value[256];
             norm_and_rope(x + (h + head) * d, d, k_norm, eps, c, n, key);
-            uint16_t *k_slot = k_cache + (slots[i] * kv + head) * d;
-            for (int64_t j = 0; j < d; j++) k_slot[j] = float_to_bf16(key[j]); /* exact: key holds bfloat16 values */
-            memcpy(v_cache + (slots[i] * kv + head) * d, x + (h + kv + head) * d, sizeof(uint16_t) * (size_t)d);
+            for (int64_t j = 0; j < d; j++) value[j] = bf16_to_float(x[(h + kv + head) * d + j]);
+            store_row(key, d, k_cache, k_scales, slots[i] * kv + head);
+            store_row(value, d, v_cache, v_scales, slots[i] * kv + head);
         }
     }
 
@@ -229,11 +283,11 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
         for (int64_t j0 = 0; j0 < num_keys; j0 += 16) {
             int64_t count = num_keys - j0 < 16 ? num_keys - j0 : 16;
             for (int64_t j = j0 + 16; j < j0 + 32 && j < num_keys; j++) /* the next 16 keys: scattered rows the */
-                for (int64_t t = 0; t < d; t += 32)                        /* hardware prefetcher cannot guess */
-                    _mm_prefetch((const char *)(k_cache + (keys[j] * kv + head) * d + t), _MM_HINT_T0);
+                for (int64_t line = 0; line < d * (k_scales == NULL ? 2 : 1); line += 64) /* hardware prefetcher cannot guess */
+                    _mm_prefetch(row_address(k_cache, k_scales, keys[j] * kv + head, d, line), _MM_HINT_T0);
             for (int64_t j = 0; j < 16; j++) { /* past the end: repeat the last key; its scores are not stored */
-                const uint16_t *key = k_cache + (keys[j0 + (j < count ? j : count - 1)] * kv + head) * d;
-                for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(block + j * d + t, load_bf16(key + t, 0xffff));
+                int64_t index = keys[j0 + (j < count ? j : count - 1)] * kv + head;
+                for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(block + j * d + t, load_row(k_cache, k_scales, index, d, t));
             }
             for (int64_t g = 0; g < group; g++) {
                 const float *q = queries + (i * h + head * group + g) * d;
@@ -242,9 +296,9 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
             }
         }
         for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
-        if (d == 64) weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, 4, acc);
-        else if (d == 128) weighted_sum(scores, num_keys, keys, v_cache, kv, head, group, 8, acc);
-        else weighted_sum_any(scores, num_keys, keys, v_cache, kv, head, group, d / 16, acc);
+        if ((d == 64 || d == 128) && v_scales == NULL) weighted_sum_bf16(scores, num_keys, keys, v_cache, kv, head, group, d / 16, acc);
+        else if (d == 64 || d == 128) weighted_sum_q8_0(scores, num_keys, keys, v_cache, v_scales, kv, head, group, d / 16, acc);
+        else weighted_sum_any(scores, num_keys, keys, v_cache, v_scales, kv, head, group, d / 16, acc);
         for (int64_t g = 0; g < group; g++)
             for (int64_t t = 0; t < d; t++)
                 out[i * h * d + (head * group + g) * d + t] = float_to_bf16(acc[g * d + t]);

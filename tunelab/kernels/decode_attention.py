@@ -27,26 +27,30 @@ def _function():
     function.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer, size, size, size, size, pointer, pointer, pointer, pointer, ctypes.c_float,
-                         pointer, pointer, pointer, pointer, size, pointer, size, pointer]
+                         pointer, pointer, pointer, pointer, size, pointer, size, pointer, pointer, pointer]
     return function
 
 
 def supports(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
-    """Whether the kernel runs here and takes this layer's shapes and dtypes."""
-    return (head_dim % 16 == 0 and head_dim <= 256 and dtype == torch.bfloat16 and cache_dtype == torch.bfloat16
+    """Whether the kernel runs here and takes this layer's shapes and dtypes (a cache of bfloat16, or int8:
+    q8_0 codes)."""
+    return (head_dim % 16 == 0 and head_dim <= 256 and dtype == torch.bfloat16
+            and (cache_dtype == torch.bfloat16 or (cache_dtype == torch.int8 and head_dim % 32 == 0))
             and _function() is not None)
 
 
 def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                      cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                      eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     key_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                     key_index: torch.Tensor, positions: torch.Tensor, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [S, (H + 2 KV) * D] bfloat16 of one new token per sequence -> attention output [S, H * D] bfloat16.
 
     cos, sin: [S, ..., D] bfloat16 (sin sign-folded, as `RotaryEmbedding` gives them); q_norm, k_norm:
     [D] per-head RMSNorm weights (bfloat16) or None; k_cache, v_cache: this layer's [slots, KV, D] bfloat16, into
     which the new keys and values are written at `slots` [S]; key_index [S, K]: each sequence's cache
-    slots in order; positions [S]: sequence s sees keys 0..positions[s].
+    slots in order; positions [S]: sequence s sees keys 0..positions[s]. A q8_0 cache (`KVCache`) gives
+    int8 k_cache and v_cache and their fp16 k_scales, v_scales [slots, KV, D / 32].
     """
     num_seqs = qkv.shape[0]
     tensors = [t.contiguous() for t in (qkv, cos, sin, slots, key_index, positions)]
@@ -56,7 +60,8 @@ def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_
     status = _function()(
         qkv.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
         *(None if w is None else w.data_ptr() for w in norms), eps, k_cache.data_ptr(), v_cache.data_ptr(),
-        slots.data_ptr(), key_index.data_ptr(), key_index.shape[1], positions.data_ptr(), k_cache.shape[0], out.data_ptr())
+        slots.data_ptr(), key_index.data_ptr(), key_index.shape[1], positions.data_ptr(), k_cache.shape[0], out.data_ptr(),
+        *(None if t is None else t.data_ptr() for t in (k_scales, v_scales)))
     if status != 0:
         raise RuntimeError(f"the decode attention kernel refused its input ({num_seqs} sequences, "
                            f"{num_heads}/{num_kv_heads} heads of {head_dim}, {key_index.shape[1]} keys)")

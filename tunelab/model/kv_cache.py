@@ -5,6 +5,12 @@ The cache is a pool of fixed-size blocks; a sequence owns a list of blocks
 `block * block_size + offset` holds one token's keys and values for every
 layer. Keys are stored after QK-norm and RoPE, so cached tokens never need
 recomputing.
+
+They are kept in the model's compute type, or with `kv_cache_type` q8_0 as
+GGML's Q8_0 keeps them (what Ollama's OLLAMA_KV_CACHE_TYPE=q8_0 and
+llama.cpp's --cache-type-k/v q8_0 do): per 32 values of a head, int8 codes
+and one fp16 scale, `value = code * scale`, in 34 bytes instead of 64. That
+halves the cache's memory and what a decode step reads from it.
 """
 
 from __future__ import annotations
@@ -29,25 +35,68 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps the map alive
 
 
+KV_CACHE_TYPES = ("auto", "q8_0")  # auto: the model's compute type
+Q8_0_BLOCK = 32
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] (D % 32 == 0) -> int8 codes [..., D] and fp16 scales [..., D / 32], as GGML's Q8_0:
+    scale = max|x| / 127 per 32 values, code = round(x / scale). decode_attention.c writes new tokens
+    with the same float32 steps, to the same bits."""
+    blocks = x.float().unflatten(-1, (-1, Q8_0_BLOCK))  # [..., D / 32, 32]
+    # A scale fp16 cannot hold would zero the block: clamp it (|x| above ~8e6 is not a key or value).
+    scales = (blocks.abs().amax(-1) / 127).clamp(max=65504).half()  # [..., D / 32]
+    steps = scales.float().unsqueeze(-1)
+    codes = torch.where(steps > 0, blocks / steps, 0.0).round_().clamp_(-127, 127)
+    return codes.to(torch.int8).flatten(-2), scales
+
+
+def dequantize_q8_0(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`quantize_q8_0`'s values in float32: code * scale."""
+    return (codes.float().unflatten(-1, (-1, Q8_0_BLOCK)) * scales.float().unsqueeze(-1)).flatten(-2)
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, kv_cache_type: str = "auto"):
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache_type '{kv_cache_type}' is not one of {', '.join(KV_CACHE_TYPES)}")
+        if kv_cache_type == "q8_0" and head_dim % Q8_0_BLOCK != 0:
+            raise ValueError(f"kv_cache_type q8_0 needs a head size divisible by {Q8_0_BLOCK}, this model's is {head_dim}; "
+                             "use kv_cache_type auto")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.quantized = kv_cache_type == "q8_0"
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)  # [L, slots, kv_heads, head_dim]
+        storage = torch.int8 if self.quantized else dtype
+        self.k, self.v = lazy_zeros(shape, storage), lazy_zeros(shape, storage)  # [L, slots, kv_heads, head_dim]
+        self.k_scales = self.v_scales = None  # q8_0: [L, slots, kv_heads, head_dim / 32] fp16
+        if self.quantized:
+            scale_shape = shape[:-1] + (head_dim // Q8_0_BLOCK,)
+            self.k_scales, self.v_scales = lazy_zeros(scale_shape, torch.float16), lazy_zeros(scale_shape, torch.float16)
 
     @classmethod
-    def for_tokens(cls, config, num_tokens: int, block_size: int = 16, dtype=torch.float32) -> "KVCache":
+    def for_tokens(cls, config, num_tokens: int, block_size: int = 16, dtype=torch.float32,
+                   kv_cache_type: str = "auto") -> "KVCache":
         """A cache big enough for `num_tokens` tokens of a model with `config`."""
         num_blocks = -(-num_tokens // block_size)
-        return cls(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype)
+        return cls(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype,
+                   kv_cache_type)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' keys and values ([T, kv_heads, head_dim]) at `slots` ([T])."""
-        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+        if not self.quantized:
+            self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
+            self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+            return
+        for x, codes, scales in ((k, self.k, self.k_scales), (v, self.v, self.v_scales)):
+            new_codes, new_scales = quantize_q8_0(x)
+            codes[layer].index_copy_(0, slots, new_codes)
+            scales[layer].index_copy_(0, slots, new_scales)
 
     def gather(self, layer: int, key_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values for `key_index` ([S, K]): two [S, K, kv_heads, head_dim] tensors."""
-        return self.k[layer][key_index], self.v[layer][key_index]
+        """Keys and values for `key_index` ([S, K]): two [S, K, kv_heads, head_dim] tensors (q8_0: float32)."""
+        if not self.quantized:
+            return self.k[layer][key_index], self.v[layer][key_index]
+        return (dequantize_q8_0(self.k[layer][key_index], self.k_scales[layer][key_index]),
+                dequantize_q8_0(self.v[layer][key_index], self.v_scales[layer][key_index]))
