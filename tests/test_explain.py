@@ -51,3 +51,17 @@ def test_explain_command_prints_the_stage_table(qwen_coder_path, tmp_path):
     for column in ("raw", "top-k", "top-p", "temp", "★"):
         assert column in result.stdout
     assert "✗ cut" in result.stdout  # top-k 5 removed some of the raw top candidates
+
+
+def test_explain_runs_the_engines_kv_cache_type(smollm2_path, tmp_path):
+    """With a q8_0 cache the engine's logits are those of 8-bit keys: explain must use the same cache."""
+    runtime = open_model(str(smollm2_path), Store(tmp_path / "home"),
+                         {"dtype": "int8", "kv_cache_type": "q8_0", "num_thread": 1})
+    try:
+        messages = [{"role": "user", "content": "Name a sorting algorithm."}]
+        prepared = prepare_chat(runtime, messages, options=OPTIONS)
+        steps = explain_steps(runtime, prepared, num_steps=6)
+        reply = collect(prepared, runtime.engine.generate(prepare_chat(runtime, messages, options=OPTIONS).request))
+        assert [s.trace.drawn_id for s in steps] == reply.token_ids[:len(steps)]
+    finally:
+        runtime.close()

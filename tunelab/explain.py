@@ -32,7 +32,9 @@ def explain_steps(runtime: ModelRuntime, prepared: PreparedRequest, num_steps: i
     request = prepared.request
     params = request.params
     tokens = list(request.prompt_ids)
-    cache = KVCache.for_tokens(runtime.config, len(tokens) + num_steps, dtype=runtime.engine.kv_cache.k.dtype)
+    like = runtime.engine.kv_cache  # the engine's arithmetic: its compute type and cache type
+    cache = KVCache.for_tokens(runtime.config, len(tokens) + num_steps, dtype=like.dtype,
+                               kv_cache_type=like.kv_cache_type)
     blocks = list(range(cache.num_blocks))
     state = SamplerState.new(params)
     sampler = runtime.engine.sampler

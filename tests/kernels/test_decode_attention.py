@@ -96,3 +96,13 @@ def test_a_slot_outside_the_cache_is_refused_not_written():
         native_attention.decode_attention(qkv, 1, 1, 16, cos, sin, None, None, 0.0, cache, cache.clone(),
                                           torch.tensor([2]), torch.tensor([[0, 1, 2, 99]]), torch.tensor([3]))
     assert not cache.any()
+
+
+def test_an_int8_cache_without_its_scales_is_refused_not_read():
+    cache = torch.zeros(8, 1, 32, dtype=torch.int8)
+    qkv = torch.randn(1, 3 * 32).bfloat16()
+    cos, sin = torch.ones(1, 32).bfloat16(), torch.zeros(1, 32).bfloat16()
+    with pytest.raises(ValueError, match="with its scales"):
+        native_attention.decode_attention(qkv, 1, 1, 32, cos, sin, None, None, 0.0, cache, cache.clone(),
+                                          torch.tensor([2]), torch.arange(3)[None], torch.tensor([2]))
+    assert not cache.any()

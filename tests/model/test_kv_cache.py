@@ -82,3 +82,8 @@ def test_q8_0_needs_heads_of_whole_blocks():
         KVCache(num_layers=1, num_blocks=1, block_size=4, num_kv_heads=1, head_dim=16, kv_cache_type="q8_0")
     with pytest.raises(ValueError, match="auto, q8_0"):
         KVCache(num_layers=1, num_blocks=1, block_size=4, num_kv_heads=1, head_dim=32, kv_cache_type="q4_0")
+
+
+def test_an_integer_compute_type_is_refused_for_what_it_is():
+    with pytest.raises(ValueError, match="use kv_cache_type q8_0"):
+        KVCache(num_layers=1, num_blocks=1, block_size=4, num_kv_heads=1, head_dim=32, dtype=torch.int8)

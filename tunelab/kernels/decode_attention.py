@@ -53,6 +53,10 @@ def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_
     int8 k_cache and v_cache and their fp16 k_scales, v_scales [slots, KV, D / 32].
     """
     num_seqs = qkv.shape[0]
+    for cache, scales in ((k_cache, k_scales), (v_cache, v_scales)):  # the kernel reads each by its scales
+        if (cache.dtype, scales is None) not in ((torch.bfloat16, True), (torch.int8, False)):
+            raise ValueError(f"the decode attention kernel reads a bfloat16 cache, or an int8 one with its scales; "
+                             f"got {cache.dtype} {'without' if scales is None else 'with'} scales")
     tensors = [t.contiguous() for t in (qkv, cos, sin, slots, key_index, positions)]
     qkv, cos, sin, slots, key_index, positions = tensors
     norms = [None if w is None else w.to(torch.bfloat16).contiguous() for w in (q_norm, k_norm)]  # as the model holds them

@@ -61,11 +61,15 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, kv_cache_type: str = "auto"):
         if kv_cache_type not in KV_CACHE_TYPES:
             raise ValueError(f"kv_cache_type '{kv_cache_type}' is not one of {', '.join(KV_CACHE_TYPES)}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"a KV cache computes in a floating-point type, not {dtype}; for 8-bit storage "
+                             "use kv_cache_type q8_0")
         if kv_cache_type == "q8_0" and head_dim % Q8_0_BLOCK != 0:
             raise ValueError(f"kv_cache_type q8_0 needs a head size divisible by {Q8_0_BLOCK}, this model's is {head_dim}; "
                              "use kv_cache_type auto")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype, self.kv_cache_type = dtype, kv_cache_type  # what a cache like this one is made with
         self.quantized = kv_cache_type == "q8_0"
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         storage = torch.int8 if self.quantized else dtype
