@@ -13,7 +13,7 @@ from tunelab.chat.output_parser import ContentDelta, ThinkingDelta, ToolCall
 from tunelab.cli import app, console, err_console
 from tunelab.errors import InvalidOption, TunelabError
 from tunelab.generation import Reply, prepare_chat
-from tunelab.options import OPTION_SPECS, coerce_option, parse_option_text
+from tunelab.options import LOAD_TIME_OPTIONS, OPTION_SPECS, coerce_option, parse_option_text
 from tunelab.registry.modelfile import Modelfile
 from tunelab.registry.store import Store
 from tunelab.runtime import ModelRuntime, open_model
@@ -91,8 +91,8 @@ class ChatSession:
     def __init__(self, runtime: ModelRuntime, options: dict[str, Any], think: bool | None,
                  hide_thinking: bool, verbose: bool):
         self.runtime = runtime
-        self.options = {k: v for k, v in options.items() if k not in ("dtype", "num_ctx")}
-        self.load_options = {k: v for k, v in options.items() if k in ("dtype", "num_ctx")}
+        self.options = {k: v for k, v in options.items() if k not in LOAD_TIME_OPTIONS}
+        self.load_options = {k: v for k, v in options.items() if k in LOAD_TIME_OPTIONS}
         self.think = think
         self.hide_thinking = hide_thinking
         self.verbose = verbose
