@@ -47,23 +47,28 @@ def decode_run(model, kv_cache_type="auto"):
     return torch.stack(logits), cache
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-@pytest.mark.parametrize("kv_cache_type", ["auto", "q8_0"])
-def test_kernel_matches_the_pytorch_path(family, kv_cache_type, tmp_path, monkeypatch):
-    model = tiny_checkpoint(family, tmp_path, head_dim=64 if kv_cache_type == "q8_0" else None)  # q8_0: 2 blocks a head
+@pytest.mark.parametrize("family, kv_cache_type, head_dim", [  # q8_0: heads of 2 and 4 blocks of 32
+    ("qwen2", "auto", None), ("qwen3", "auto", None), ("qwen3", "auto", 128),
+    ("qwen2", "q8_0", 64), ("qwen3", "q8_0", 64), ("qwen3", "q8_0", 128)])
+def test_kernel_matches_the_pytorch_path(family, kv_cache_type, head_dim, tmp_path, monkeypatch):
+    model = tiny_checkpoint(family, tmp_path, head_dim)
     cache_dtype = torch.int8 if kv_cache_type == "q8_0" else torch.bfloat16
     assert native_attention.supports(model.config.head_dim, torch.bfloat16, cache_dtype)
     native_logits, native_cache = decode_run(model, kv_cache_type)
     monkeypatch.setattr(native_attention, "supports", lambda *args: False)
     torch_logits, torch_cache = decode_run(model, kv_cache_type)
     # The new keys and values land in the same slots with the same values (bfloat16 RoPE, rounded
-    # as PyTorch rounds it; at most a last-bit difference where the fused ops round differently,
-    # which q8_0 may turn into a code one apart).
+    # as PyTorch rounds it). Where PyTorch's addcmul and the kernel's multiply-then-add round
+    # differently, an operand's last bit moves: one bfloat16 step at the operands' scale, which a
+    # near-cancelling sum shows as a large relative difference (seen with heads of 128), and which
+    # q8_0 may turn into a code one apart.
     layers = range(model.config.num_layers)
     for native, reference in zip(*[[c.gather(i, torch.arange(17 * BLOCK)[None]) for i in layers]
                                    for c in (native_cache, torch_cache)]):
         for n, r in zip(native, reference):
-            torch.testing.assert_close(n.float(), r.float(), atol=0, rtol=2 ** -7 if kv_cache_type == "auto" else 0.02)
+            step = 2 ** -8 * r.abs().max().item()
+            torch.testing.assert_close(n.float(), r.float(), atol=step if kv_cache_type == "auto" else 2 * step,
+                                       rtol=2 ** -7 if kv_cache_type == "auto" else 0.02)
     # Only the float32 summation order differs, then one bfloat16 rounding of the attention output.
     scale = torch_logits.abs().max().item()
     torch.testing.assert_close(native_logits, torch_logits, atol=0.01 * scale, rtol=0)

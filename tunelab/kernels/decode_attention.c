@@ -195,16 +195,14 @@ static inline __attribute__((always_inline)) void weighted_sum(
     }
 }
 
-/* weighted_sum with the cache's format a compile-time constant: one copy per format. */
-static void weighted_sum_bf16(const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache, int64_t kv,
-                              int64_t head, int64_t group, int chunks, float *acc) {
-    if (chunks == 4) weighted_sum(p, num_keys, keys, v_cache, NULL, kv, head, group, 4, acc);
-    else weighted_sum(p, num_keys, keys, v_cache, NULL, kv, head, group, 8, acc);
-}
-
-static void weighted_sum_q8_0(const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache,
-                              const uint16_t *v_scales, int64_t kv, int64_t head, int64_t group, int chunks, float *acc) {
-    if (chunks == 4) weighted_sum(p, num_keys, keys, v_cache, v_scales, kv, head, group, 4, acc);
+/* weighted_sum for 64 or 128 dims, one copy per (format, dims): the scales' NULL and the chunk count are
+ * compile-time constants in each. */
+static void weighted_sum_fixed(const float *p, int64_t num_keys, const int64_t *keys, const void *v_cache,
+                               const uint16_t *v_scales, int64_t kv, int64_t head, int64_t group, int64_t d,
+                               float *acc) {
+    if (v_scales == NULL && d == 64) weighted_sum(p, num_keys, keys, v_cache, NULL, kv, head, group, 4, acc);
+    else if (v_scales == NULL) weighted_sum(p, num_keys, keys, v_cache, NULL, kv, head, group, 8, acc);
+    else if (d == 64) weighted_sum(p, num_keys, keys, v_cache, v_scales, kv, head, group, 4, acc);
     else weighted_sum(p, num_keys, keys, v_cache, v_scales, kv, head, group, 8, acc);
 }
 
@@ -296,8 +294,7 @@ int tunelab_decode_attention(const uint16_t *qkv, int64_t s, int64_t h, int64_t 
             }
         }
         for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
-        if ((d == 64 || d == 128) && v_scales == NULL) weighted_sum_bf16(scores, num_keys, keys, v_cache, kv, head, group, d / 16, acc);
-        else if (d == 64 || d == 128) weighted_sum_q8_0(scores, num_keys, keys, v_cache, v_scales, kv, head, group, d / 16, acc);
+        if (d == 64 || d == 128) weighted_sum_fixed(scores, num_keys, keys, v_cache, v_scales, kv, head, group, d, acc);
         else weighted_sum_any(scores, num_keys, keys, v_cache, v_scales, kv, head, group, d / 16, acc);
         for (int64_t g = 0; g < group; g++)
             for (int64_t t = 0; t < d; t++)
