@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tunelab.errors import InvalidOption
 from tunelab.model.attention_batch import AttentionBatch, SequenceSlice
 from tunelab.model.kv_cache import KVCache, dequantize_q8_0, quantize_q8_0
 from tunelab.weights.loader import load_weights
@@ -78,7 +79,7 @@ def test_q8_0_cache_gives_back_what_was_written_in_a_third_less_memory():
 
 
 def test_q8_0_needs_heads_of_whole_blocks():
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(InvalidOption, match="divisible by 32"):
         KVCache(num_layers=1, num_blocks=1, block_size=4, num_kv_heads=1, head_dim=16, kv_cache_type="q8_0")
     with pytest.raises(ValueError, match="auto, q8_0"):
         KVCache(num_layers=1, num_blocks=1, block_size=4, num_kv_heads=1, head_dim=32, kv_cache_type="q4_0")

@@ -39,7 +39,8 @@ def bench(
     if kv_cache_type not in KV_CACHE_TYPES:
         raise InvalidOption(f"--kv-cache-type {kv_cache_type} is not one of {', '.join(KV_CACHE_TYPES)}")
     spec = make_spec(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, dtype=dtype,
-                     num_thread=num_thread, kv_cache_type=kv_cache_type, shared_samples=shared_samples, shared_prompt_tokens=shared_prompt_tokens)
+                     num_thread=num_thread, kv_cache_type=kv_cache_type, shared_samples=shared_samples,
+                     shared_prompt_tokens=shared_prompt_tokens)
     with console.status("benchmarking") as status:
         results = run_benchmark(spec, tuple(dict.fromkeys(compare)),
                                 on_start=lambda kind: status.update(f"running {kind} (one engine at a time)"))

@@ -19,6 +19,8 @@ import mmap
 
 import torch
 
+from tunelab.errors import InvalidOption
+
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor whose pages the OS maps only when first written, 4 KiB at a time.
@@ -64,9 +66,9 @@ class KVCache:
         if not dtype.is_floating_point:
             raise ValueError(f"a KV cache computes in a floating-point type, not {dtype}; for 8-bit storage "
                              "use kv_cache_type q8_0")
-        if kv_cache_type == "q8_0" and head_dim % Q8_0_BLOCK != 0:
-            raise ValueError(f"kv_cache_type q8_0 needs a head size divisible by {Q8_0_BLOCK}, this model's is {head_dim}; "
-                             "use kv_cache_type auto")
+        if kv_cache_type == "q8_0" and head_dim % Q8_0_BLOCK != 0:  # a load option the user gave: say which
+            raise InvalidOption(f"kv_cache_type q8_0 needs a head size divisible by {Q8_0_BLOCK}, this model's is "
+                             f"{head_dim}; use kv_cache_type auto")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype, self.kv_cache_type = dtype, kv_cache_type  # what a cache like this one is made with
@@ -77,7 +79,8 @@ class KVCache:
         self.k_scales = self.v_scales = None  # q8_0: [L, slots, kv_heads, head_dim / 32] fp16
         if self.quantized:
             scale_shape = shape[:-1] + (head_dim // Q8_0_BLOCK,)
-            self.k_scales, self.v_scales = lazy_zeros(scale_shape, torch.float16), lazy_zeros(scale_shape, torch.float16)
+            self.k_scales = lazy_zeros(scale_shape, torch.float16)
+            self.v_scales = lazy_zeros(scale_shape, torch.float16)
 
     @classmethod
     def for_tokens(cls, config, num_tokens: int, block_size: int = 16, dtype=torch.float32,
