@@ -90,24 +90,20 @@ def test_a_sequence_decoded_in_a_batch_gets_what_it_gets_alone(kv_cache_type, tm
             assert torch.equal(model(torch.tensor([tokens[2]]), batch, cache)[0], together[i, 2])
 
 
-def test_a_slot_outside_the_cache_is_refused_not_written():
-    cache = torch.zeros(8, 1, 16, dtype=torch.bfloat16)
-    qkv = torch.randn(1, 3 * 16).bfloat16()
-    cos, sin = torch.ones(1, 16).bfloat16(), torch.zeros(1, 16).bfloat16()
-    with pytest.raises(RuntimeError, match="refused its input"):
-        native_attention.decode_attention(qkv, 1, 1, 16, cos, sin, None, None, 0.0, cache, cache.clone(),
-                                          torch.tensor([8]), torch.arange(9)[None], torch.tensor([8]))
-    with pytest.raises(RuntimeError, match="refused its input"):  # a key slot past the end
-        native_attention.decode_attention(qkv, 1, 1, 16, cos, sin, None, None, 0.0, cache, cache.clone(),
-                                          torch.tensor([2]), torch.tensor([[0, 1, 2, 99]]), torch.tensor([3]))
-    assert not cache.any()
-
-
-def test_an_int8_cache_without_its_scales_is_refused_not_read():
-    cache = torch.zeros(8, 1, 32, dtype=torch.int8)
+def test_bad_input_is_refused_and_nothing_written():
+    cache, codes = torch.zeros(8, 1, 32, dtype=torch.bfloat16), torch.zeros(8, 1, 32, dtype=torch.int8)
     qkv = torch.randn(1, 3 * 32).bfloat16()
     cos, sin = torch.ones(1, 32).bfloat16(), torch.zeros(1, 32).bfloat16()
-    with pytest.raises(ValueError, match="with its scales"):
-        native_attention.decode_attention(qkv, 1, 1, 32, cos, sin, None, None, 0.0, cache, cache.clone(),
-                                          torch.tensor([2]), torch.arange(3)[None], torch.tensor([2]))
-    assert not cache.any()
+
+    def attend(k_cache, slot, key_index, position):
+        return native_attention.decode_attention(qkv, 1, 1, 32, cos, sin, None, None, 0.0, k_cache, k_cache.clone(),
+                                                 torch.tensor([slot]), torch.tensor([key_index]),
+                                                 torch.tensor([position]))
+
+    with pytest.raises(RuntimeError, match="refused its input"):  # a new slot outside the cache
+        attend(cache, 8, list(range(9)), 8)
+    with pytest.raises(RuntimeError, match="refused its input"):  # a key slot past the end
+        attend(cache, 2, [0, 1, 2, 99], 3)
+    with pytest.raises(ValueError, match="with its scales"):  # int8 codes without their scales
+        attend(codes, 2, [0, 1, 2], 2)
+    assert not cache.any() and not codes.any()
