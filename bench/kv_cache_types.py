@@ -26,8 +26,7 @@ TYPES = ("auto", "q8_0")
 
 def pool_bytes_per_token(engine) -> float:
     cache = engine.kv_cache
-    tensors = [t for t in (cache.k, cache.v, cache.k_scales, cache.v_scales) if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors) / (cache.num_blocks * cache.block_size)
+    return cache.nbytes / (cache.num_blocks * cache.block_size)
 
 
 def step_times(model: str, context: int, rows: int, blocks: int, steps: int) -> dict[str, tuple[float, float]]:

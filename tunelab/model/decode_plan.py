@@ -85,7 +85,7 @@ class DecodePlan:
             else:
                 norms, eps = (None, None), 0.0
             k_cache, v_cache = kv_cache.k[attn.layer_index], kv_cache.v[attn.layer_index]
-            scales = [None if s is None else s[attn.layer_index].data_ptr() for s in (kv_cache.k_scales, kv_cache.v_scales)]
+            scales = [None if s is None else s.data_ptr() for s in kv_cache.scales(attn.layer_index)]
             calls.append(call_list.row(  # cos, sin, slots, key index and positions: set by each step
                 call_list.DECODE_ATTENTION, native_attention.address(), qkv.data_ptr(), rows, heads, kv_heads,
                 head_dim, 0, 0, *norms, call_list.float_bits(eps), k_cache.data_ptr(), v_cache.data_ptr(), 0, 0, 0,

@@ -90,6 +90,18 @@ class KVCache:
         return cls(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype,
                    kv_cache_type)
 
+    @property
+    def nbytes(self) -> int:
+        """The pool's size in bytes: codes or values, and q8_0's scales."""
+        tensors = (self.k, self.v, self.k_scales, self.v_scales)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This layer's q8_0 key and value scales [slots, kv_heads, head_dim / 32], or (None, None)."""
+        if not self.quantized:
+            return None, None
+        return self.k_scales[layer], self.v_scales[layer]
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' keys and values ([T, kv_heads, head_dim]) at `slots` ([T])."""
         if not self.quantized:

@@ -171,7 +171,7 @@ class Attention(nn.Module):
             out = native_attention.decode_attention(
                 qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, *norms,
                 kv_cache.k[self.layer_index], kv_cache.v[self.layer_index], batch.slot_mapping, batch.key_index,
-                batch.positions, *(None if s is None else s[self.layer_index] for s in (kv_cache.k_scales, kv_cache.v_scales)))
+                batch.positions, *kv_cache.scales(self.layer_index))
             return self.o_proj(out)  # [T, hidden]
         qk = qkv[:, :num_qk_heads * self.head_dim].view(num_tokens, num_qk_heads, self.head_dim)  # [T, H + KV, D]
         v = qkv[:, num_qk_heads * self.head_dim:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
